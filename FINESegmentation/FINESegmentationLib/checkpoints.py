@@ -1,0 +1,199 @@
+"""FINE checkpoints: one file per model holding the weights and everything needed to use them.
+
+A checkpoint is a ``torch.save``'d dict of tensors and plain data only, so it loads
+with ``torch.load(weights_only=True)`` (no code runs on load). The registry
+``Resources/Models/models.json`` lists the models the product knows, each with
+the SHA256 of its file; a file that does not match is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .labels import CLASS_NAMES
+from .model import FINE, FINEConfig
+from .resources import models_dir, registry_path
+
+FORMAT = "FINESegmentation checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Preprocessing:
+    """How a CT is prepared for the network: reorient, resample, clip and z-score."""
+
+    target_spacing: tuple[float, float, float] = (0.758, 0.758, 3.0)  # (x, y, z) mm, BCV plans
+    orientation: str = "LPS"  # ITK orientation code the network sees (i, j, k axes towards L, P, S)
+    clip: tuple[float, float] = (-958.0, 326.0)  # HU
+    mean: float = 82.95
+    std: float = 136.95
+
+
+@dataclass
+class ModelInfo:
+    """Everything a checkpoint says about its model besides the weights."""
+
+    config: FINEConfig
+    class_names: tuple[str, ...] = CLASS_NAMES
+    label_values: tuple[int, ...] = tuple(range(len(CLASS_NAMES)))
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    training: dict[str, Any] = field(default_factory=dict)  # data, epochs, seed, metrics, ...
+    description: str = ""
+    clinical_use: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        grid = FINE.grid_of(self.config)
+        return {
+            "config": self.config.to_dict(),
+            "class_names": list(self.class_names),
+            "label_values": list(self.label_values),
+            "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.preprocessing).items()},
+            "volume_grid": {"cells_yx": list(grid.grid), "crop_yx": list(grid.crop), "max_size_yx": list(grid.max_size)},
+            "training": self.training,
+            "description": self.description,
+            "clinical_use": self.clinical_use,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelInfo":
+        pre = data.get("preprocessing", {})
+        return cls(
+            config=FINEConfig.from_dict(data["config"]),
+            class_names=tuple(data["class_names"]),
+            label_values=tuple(int(v) for v in data["label_values"]),
+            preprocessing=Preprocessing(
+                target_spacing=tuple(pre["target_spacing"]), orientation=pre["orientation"],
+                clip=tuple(pre["clip"]), mean=float(pre["mean"]), std=float(pre["std"]),
+            ),
+            training=dict(data.get("training", {})),
+            description=str(data.get("description", "")),
+            clinical_use=bool(data.get("clinical_use", False)),
+        )
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, model: FINE, info: ModelInfo, extra: dict[str, Any] | None = None) -> str:
+    """Write ``model`` and ``info`` atomically (temp file + rename); returns the file's SHA256.
+
+    ``extra`` holds further weights-only-safe entries (optimizer state, epoch) for resuming training.
+    """
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "metadata": info.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    if extra:
+        payload["extra"] = extra
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return sha256_of(path)
+
+
+def read_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[str, Any]:
+    """The raw checkpoint dict, after the SHA256 check (when one is given) and format checks."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist; give the path of a FINE checkpoint file or a registered model name.")
+    if sha256 is not None and sha256_of(path) != sha256.lower():
+        raise CheckpointError(
+            f"Checkpoint {path} does not match its registered SHA256, so it is damaged or was altered; copy or download it again."
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a FINE checkpoint that can be loaded safely ({reason[:120]}).") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a FINE checkpoint (it lacks the FINESegmentation format marker).")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {payload.get('format_version')}; this version of FINESegmentation reads version {FORMAT_VERSION}.")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, sha256: str | None = None, device: str | torch.device = "cpu") -> tuple[FINE, ModelInfo]:
+    """Load a FINE model (in eval mode) and its metadata; refuse anything that does not check out."""
+    payload = read_checkpoint(path, sha256)
+    try:
+        info = ModelInfo.from_dict(payload["metadata"])
+        model = FINE(info.config)
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is a damaged FINE checkpoint: its metadata or weights do not fit ({str(exc).splitlines()[0][:120]}).") from None
+    return model.to(device).eval(), info
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    file: str
+    sha256: str
+    description: str = ""
+    url: str = ""
+    folder: Path = field(default_factory=models_dir)  # where ``file`` lies: the registry's folder
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.file
+
+
+def read_registry(path: str | os.PathLike | None = None) -> dict[str, RegistryEntry]:
+    """Models listed in ``models.json`` by name."""
+    path = Path(path) if path is not None else registry_path()
+    try:
+        data = json.loads(path.read_text())
+        return {m["name"]: RegistryEntry(**m, folder=path.parent) for m in data["models"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"The model registry {path} cannot be read ({exc}); reinstall FINESegmentation.") from None
+
+
+def resolve_model(name_or_path: str | os.PathLike, registry: dict[str, RegistryEntry] | None = None) -> tuple[Path, str | None]:
+    """(file, expected SHA256 or None) for a registered model name or a checkpoint path.
+
+    A path that is also a registered model's file is checked against its registered SHA256.
+    """
+    registry = read_registry() if registry is None else registry
+    key = str(name_or_path)
+    if key in registry:
+        entry = registry[key]
+        if not entry.path.is_file():
+            raise CheckpointError(f"Model '{key}' is registered but its file {entry.path} is missing; reinstall FINESegmentation or import the file.")
+        return entry.path, entry.sha256
+    path = Path(key).expanduser()
+    if path.is_file():
+        for entry in registry.values():
+            if entry.path.is_file() and entry.path.resolve() == path.resolve():
+                return path, entry.sha256
+        return path, None
+    known = ", ".join(sorted(registry)) or "none registered"
+    raise CheckpointError(f"Unknown model '{key}': give a registered model name ({known}) or the path of a checkpoint file.")
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[FINE, ModelInfo]:
+    """Resolve, verify and load a model by registry name or path."""
+    path, sha = resolve_model(name_or_path)
+    return load_checkpoint(path, sha, device)
