@@ -5,3 +5,20 @@ Importable with no ``slicer``, ``qt`` or ``ctk``; the Slicer module, the
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The Python API, imported lazily so that ``import FINESegmentationLib`` stays light.
+    if name in ("Segmenter", "SegmentationResult", "Progress"):
+        from . import inference
+
+        return getattr(inference, name)
+    if name in ("read_volume", "read_segmentation", "write_segmentation", "write_volume"):
+        from . import io
+
+        return getattr(io, name)
+    if name in ("Volume", "Geometry"):
+        from . import volume
+
+        return getattr(volume, name)
+    raise AttributeError(f"module 'FINESegmentationLib' has no attribute '{name}'")

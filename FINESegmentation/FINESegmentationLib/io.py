@@ -550,8 +550,8 @@ def _extension(path: Path) -> str:
     return path.suffix.lower()
 
 
-def _write_atomically(path: PathLike, extensions: Sequence[str], write: Callable[[Path], None]) -> Path:
-    """Run ``write`` on a temporary file beside ``path`` and rename it onto ``path``; clean up on any failure."""
+def check_output_path(path: PathLike, extensions: Sequence[str] = SEGMENTATION_WRITE_EXTENSIONS) -> Path:
+    """Refuse an output path that cannot be written (format, folder, permissions) before any work is done."""
     path = Path(path)
     extension = _extension(path)
     if extension not in extensions:
@@ -572,6 +572,19 @@ def _write_atomically(path: PathLike, extensions: Sequence[str], write: Callable
         )
     if path.is_dir():
         raise InputError(f"Cannot write to {path}: a folder of that name exists; choose a file name.")
+    return path
+
+
+def write_text_atomically(path: PathLike, text: str) -> Path:
+    """A report or table (.json, .csv, .md, .txt), written all or nothing."""
+    return _write_atomically(path, (".json", ".csv", ".md", ".txt"), lambda tmp: tmp.write_text(text))
+
+
+def _write_atomically(path: PathLike, extensions: Sequence[str], write: Callable[[Path], None]) -> Path:
+    """Run ``write`` on a temporary file beside ``path`` and rename it onto ``path``; clean up on any failure."""
+    path = check_output_path(path, extensions)
+    extension = _extension(path)
+    folder = path.parent
 
     # Same folder (so the rename is atomic) and same extension (so SimpleITK/slicerio pick the format).
     stem = path.name[: len(path.name) - len(extension)]

@@ -1,0 +1,108 @@
+"""From a CT volume to the network's grid and intensities, and back.
+
+The network sees the image reoriented to the checkpoint's orientation (LPS by
+default), resampled to its target spacing, clipped and z-scored as its metadata
+says. Predictions go back to the input's own grid by resampling in physical
+space, so the output's geometry equals the input's exactly, oblique or not.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from .checkpoints import Preprocessing
+from .errors import InputError
+from .io import volume_to_sitk
+from .volume import Volume
+
+logger = logging.getLogger(__name__)
+
+AIR_HU = -1024.0
+
+
+@dataclass
+class PreparedVolume:
+    """The network's view of a volume: a z-scored float32 array [z, y, x] on the resampled grid."""
+
+    array: np.ndarray
+    grid: sitk.Image  # an image of the resampled grid (geometry only is used), for resampling back
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_ct(volume: Volume) -> list[str]:
+    """Refuse what cannot be a CT and return warnings for what may not be one."""
+    a = volume.array
+    if a.size == 0 or min(a.shape) < 2:
+        raise InputError(f"The volume of shape {a.shape} is too small to segment; load a 3-D CT with several slices.")
+    if not np.isfinite(a).all():
+        raise InputError("The volume contains NaN or infinite values; repair or re-export the image before segmenting it.")
+    lo, hi = float(a.min()), float(a.max())
+    if hi - lo < 1e-3:
+        raise InputError(f"The volume is empty (every voxel is {lo:g}); load a CT that holds an image.")
+    warnings = []
+    # A CT has air near -1000 HU and reaches soft tissue and bone above 100 HU. An MR or a
+    # rescaled image does not; FINE is trained on CT only, so it may segment nonsense.
+    if lo > -500 or hi < 100:
+        warnings.append(
+            f"The intensities range from {lo:g} to {hi:g}, not like a CT in Hounsfield units (air near -1000); "
+            "this looks like an MR or a rescaled image, and FINE is trained on CT only."
+        )
+    return warnings
+
+
+def prepare(volume: Volume, pre: Preprocessing) -> PreparedVolume:
+    """Reorient, resample (linear) to ``pre.target_spacing`` and normalise a CT."""
+    warnings = check_ct(volume)
+    for w in warnings:
+        logger.warning(w)
+    image = sitk.DICOMOrient(volume_to_sitk(volume), pre.orientation)
+    spacing = np.array(image.GetSpacing())
+    target = np.array(pre.target_spacing, dtype=float)
+    size = np.maximum(1, np.round(np.array(image.GetSize()) * spacing / target)).astype(int)
+    # Keep the physical extent: the first voxel centre moves by half the spacing change.
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    origin = np.array(image.GetOrigin()) + direction @ ((target - spacing) / 2)
+    resampled = sitk.Resample(
+        image, [int(s) for s in size], sitk.Transform(), sitk.sitkLinear, origin.tolist(), target.tolist(),
+        image.GetDirection(), AIR_HU, sitk.sitkFloat32,
+    )
+    array = sitk.GetArrayFromImage(resampled)
+    np.clip(array, pre.clip[0], pre.clip[1], out=array)
+    array -= pre.mean
+    array /= pre.std
+    return PreparedVolume(array=array, grid=resampled, warnings=warnings)
+
+
+def _reference_grid(reference: Volume, pixel: int) -> sitk.Image:
+    """An image on ``reference``'s grid (its voxels are not used, only its geometry)."""
+    grid = sitk.Image([int(n) for n in reference.shape[::-1]], pixel)
+    grid.SetSpacing(reference.geometry.spacing)
+    grid.SetOrigin(reference.geometry.origin)
+    grid.SetDirection(reference.geometry.direction)
+    return grid
+
+
+def _on_prepared_grid(array: np.ndarray, prepared: PreparedVolume) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(prepared.grid)
+    return image
+
+
+def labels_to_input_grid(labels: np.ndarray, prepared: PreparedVolume, reference: Volume) -> Volume:
+    """Nearest-neighbour resampling of a label map [z, y, x] on the prepared grid onto the input's grid."""
+    image = _on_prepared_grid(labels.astype(np.uint8, copy=False), prepared)
+    out = sitk.Resample(image, _reference_grid(reference, sitk.sitkUInt8), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return Volume(sitk.GetArrayFromImage(out), reference.geometry)
+
+
+def probabilities_to_input_grid(probabilities: np.ndarray, prepared: PreparedVolume, reference: Volume) -> np.ndarray:
+    """Linear resampling of per-class probabilities [C, z, y, x] onto the input's grid, one class at a time."""
+    grid = _reference_grid(reference, sitk.sitkFloat32)
+    out = np.empty((probabilities.shape[0], *reference.shape), np.float32)
+    for c, p in enumerate(probabilities):
+        image = _on_prepared_grid(np.ascontiguousarray(p, dtype=np.float32), prepared)
+        out[c] = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    return out

@@ -1,0 +1,157 @@
+"""Whole-volume inference: geometry, bank modes, devices, cancellation, bad volumes."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_ct
+from FINESegmentationLib import Segmenter
+from FINESegmentationLib.checkpoints import load_checkpoint
+from FINESegmentationLib.errors import CancelledError, DeviceError, InputError
+from FINESegmentationLib.inference import VolumeTokenBank, count_crops, keep_largest_components, resolve_device
+from FINESegmentationLib.io import read_volume
+from FINESegmentationLib.volume import Geometry, Volume
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_checkpoint):
+    return Segmenter(str(tiny_checkpoint), device="cpu", bank="stateless", fast=True)
+
+
+def test_labels_of_a_real_ct_have_the_input_geometry(tiny_checkpoint, ct_chest_path):
+    ct = read_volume(ct_chest_path)
+    result = Segmenter(str(tiny_checkpoint), device="cpu", fast=True).segment(ct)
+    assert result.labels.shape == ct.shape and result.labels.geometry == ct.geometry, "labels lie on the CT's own grid"
+    assert result.labels.array.dtype == np.uint8 and result.labels.array.max() <= 8
+    assert result.report["passes"] == 2 and result.report["bank"] == "accumulate", "accumulate is the default and runs two passes"
+
+
+def test_oblique_anisotropic_geometry_is_kept_exactly(segmenter):
+    c, s = np.cos(0.3), np.sin(0.3)
+    ct = make_ct(spacing=(3.7, 4.1, 7.5), direction=(c, -s, 0, s, c, 0, 0, 0, 1))
+    result = segmenter.segment(ct)
+    assert result.labels.geometry == ct.geometry and result.labels.shape == ct.shape, "oblique geometry survives inference"
+
+
+def test_a_mirrored_copy_with_mirrored_geometry_gets_the_same_labels(segmenter):
+    # A spacing whose voxel centres never fall halfway between the network's 3 mm voxels, so
+    # nearest-neighbour resampling has no ties to break differently.
+    ct = make_ct(seed=3, spacing=(3.7, 4.3, 7.1))
+    g = ct.geometry
+    flipped_origin = (g.origin[0] + (ct.shape[2] - 1) * g.spacing[0], g.origin[1], g.origin[2])
+    mirrored = Volume(ct.array[:, :, ::-1].copy(), Geometry(g.spacing, flipped_origin, (-1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    a = segmenter.segment(ct).labels.array
+    b = segmenter.segment(mirrored).labels.array[:, :, ::-1]
+    assert np.array_equal(a, b), "the same anatomy stored in another orientation is segmented identically"
+
+
+def test_accumulate_fills_the_bank_and_changes_the_prediction(tiny_checkpoint):
+    ct = make_ct(shape=(24, 96, 96), spacing=(4.0, 4.0, 8.0))
+    acc = Segmenter(str(tiny_checkpoint), device="cpu", bank="accumulate", fast=True).segment(ct, probabilities=True)
+    sta = Segmenter(str(tiny_checkpoint), device="cpu", bank="stateless", fast=True).segment(ct, probabilities=True)
+    assert acc.report["passes"] == 2 and sta.report["passes"] == 1
+    assert acc.report["crops_per_pass"] == sta.report["crops_per_pass"] > 1
+    assert np.abs(acc.probabilities - sta.probabilities).max() > 0, "the filled bank reaches the second pass's predictions"
+
+
+def test_bank_merge_counts_visits_and_averages_states(tiny_checkpoint):
+    model, _ = load_checkpoint(tiny_checkpoint)
+    bank = VolumeTokenBank(model, torch.device("cpu"))
+    x = torch.randn(2, 1, *model.config.crop_size)
+    positions = torch.tensor([[0.0, -60.0, -60.0], [0.0, 60.0, 60.0]])
+    with torch.no_grad():
+        out = model(x, positions, bank.for_batch(2))
+    bank.merge(out.state)
+    assert int(bank.state.visits.sum()) == 8, "two crops of four cells each are counted"
+    assert torch.allclose(bank.state.tokens["encoder0"][0], out.state.tokens["encoder0"].mean(0)), "a batch's states are averaged"
+
+
+def test_count_crops_matches_the_windows_monai_takes(tiny_checkpoint):
+    from monai.inferers import sliding_window_inference
+
+    calls = []
+    for shape, overlap in [((57, 130, 130), 0.5), ((20, 50, 70), 0.25), ((32, 64, 64), 0.5)]:
+        def predictor(x, slices):
+            calls.append(len(slices))
+            return x
+        sliding_window_inference(torch.zeros(1, 1, *shape), (32, 64, 64), 1, predictor, overlap=overlap, with_coord=True)
+        assert sum(calls) == count_crops(shape, (32, 64, 64), overlap), f"crop count for {shape} at overlap {overlap}"
+        calls.clear()
+
+
+def test_volume_smaller_than_a_crop_is_padded(segmenter):
+    ct = make_ct(shape=(6, 20, 20), spacing=(4.0, 4.0, 8.0))
+    result = segmenter.segment(ct)
+    assert result.labels.shape == ct.shape and result.report["crops_per_pass"] == 1, "a small volume is one padded crop"
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.full((10, 40, 40), np.nan, np.float32), "NaN"),
+        (np.full((10, 40, 40), -1000.0, np.float32), "empty"),
+        (np.zeros((1, 40, 40), np.float32), "too small"),
+    ],
+)
+def test_unusable_volumes_get_one_sentence(segmenter, array, message):
+    with pytest.raises(InputError, match=message) as err:
+        segmenter.segment(Volume(array))
+    assert "\n" not in str(err.value)
+
+
+def test_mr_like_intensities_are_segmented_with_a_warning(segmenter):
+    ct = make_ct()
+    mr = Volume(np.clip((ct.array + 1000) / 4, 0, None), ct.geometry)
+    result = segmenter.segment(mr)
+    assert any("MR" in w for w in result.report["warnings"]), "an MR-like range is flagged in the report"
+
+
+def test_cancel_stops_and_writes_nothing(tiny_checkpoint, tmp_path):
+    from FINESegmentationLib.io import write_volume
+
+    source = write_volume(make_ct(), tmp_path / "ct.nii.gz")
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CancelledError):
+        Segmenter(str(tiny_checkpoint), device="cpu").segment_file(source, tmp_path / "out.seg.nrrd", cancel=cancel)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"], "a cancelled job leaves no file behind"
+
+
+def test_unwritable_output_is_refused_before_any_work(tiny_checkpoint, tmp_path):
+    from FINESegmentationLib.io import write_volume
+
+    source = write_volume(make_ct(), tmp_path / "ct.nii.gz")
+    progress = []
+    with pytest.raises(InputError, match="does not exist"):
+        Segmenter(str(tiny_checkpoint), device="cpu").segment_file(source, tmp_path / "missing" / "out.seg.nrrd", progress=progress.append)
+    assert not progress, "no crop ran for a job whose output cannot be written"
+
+
+def test_auto_device_falls_back_to_the_cpu_and_a_missing_gpu_is_refused():
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type in ("cpu", "mps")
+        with pytest.raises(DeviceError, match="not available"):
+            resolve_device("cuda:0")
+    with pytest.raises(DeviceError, match="not a device"):
+        resolve_device("tpu9")
+
+
+def test_unknown_bank_mode_is_refused(tiny_checkpoint):
+    with pytest.raises(InputError, match="Unknown bank mode"):
+        Segmenter(str(tiny_checkpoint), device="cpu", bank="sometimes")
+
+
+def test_largest_component_keeps_one_blob_per_organ():
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[1:4, 1:4, 1:4] = 5
+    labels[7:9, 7:9, 7:9] = 5
+    labels[0, 9, 9] = 2
+    keep_largest_components(labels)
+    assert (labels == 5).sum() == 27 and (labels == 2).sum() == 1, "only the smaller liver blob is removed"
+
+
+def test_progress_reports_both_passes(tiny_checkpoint):
+    seen = []
+    Segmenter(str(tiny_checkpoint), device="cpu", fast=True).segment(make_ct(), progress=seen.append)
+    assert {p.pass_index for p in seen} == {1, 2} and seen[-1].crop == seen[-1].crops, "progress covers pass 1/2 and 2/2 to the last crop"
