@@ -150,7 +150,10 @@ class FINE(nn.Module):
         visits = torch.zeros(batch_size, self.grid.num_cells, dtype=torch.long, device=self.trained_visits.device)
         return VolumeTokenState(tokens, visits)
 
-    def forward(self, x: Tensor, positions: Tensor | None = None, state: VolumeTokenState | None = None, deep_supervision: bool = False) -> FINEOutput:
+    def forward(self, x: Tensor, positions: Tensor | None = None, state: VolumeTokenState | None = None,
+                deep_supervision: bool = False, return_state: bool = True) -> FINEOutput:
+        """``return_state=False`` leaves the state out of the output (a training step whose loss does
+        not use it: DistributedDataParallel requires every output to reach the loss)."""
         cfg = self.config
         if tuple(x.shape[2:]) != cfg.crop_size or x.shape[1] != cfg.in_channels:
             raise ValueError(f"FINE '{cfg.name}' takes crops of shape (B, {cfg.in_channels}, {cfg.crop_size}), got {tuple(x.shape)}.")
@@ -189,7 +192,7 @@ class FINE(nn.Module):
             if deep_supervision and i == len(self.decoder) - 2:
                 deep.append(self.deep_head(h.movedim(-1, 1)))
         logits = self.head(h.movedim(-1, 1))
-        return FINEOutput(logits, deep, VolumeTokenState(tokens, visits) if cells is not None else None)
+        return FINEOutput(logits, deep, VolumeTokenState(tokens, visits) if cells is not None and return_state else None)
 
 
 def build_model(config: FINEConfig | str, **overrides) -> FINE:

@@ -1,0 +1,277 @@
+"""Training FINE on a labelled dataset, on one machine or many (torchrun + DistributedDataParallel).
+
+As in the paper and the authors' code: random crops with their positions (for the
+volume tokens), about a third of them centred on an organ voxel; Dice + cross-entropy
+with deep supervision (full and half resolution, weights 1 and 0.5); SGD with
+momentum 0.99 and Nesterov, polynomial learning-rate decay (power 0.9), gradient
+clipping at 12, mixed precision (bf16) on CUDA; never-visited volume tokens masked.
+Augmentation (MONAI): small in-plane rotations, scaling, intensity scale/shift and
+noise. No mirroring: left and right kidney differ only by their side of the body.
+
+Accumulated banks: inference runs the ``accumulate`` bank by default, so in a share
+of the iterations (``bank_probability``) every sample first runs one or two other crops
+of the same volume without gradient, carrying the volume-token state, and the
+training crop then starts from that state, as pass 2 of inference does.
+
+Under torchrun each process trains on its own random crops (seeded by rank); gradients
+are averaged by DDP; rank 0 writes the log and checkpoints. The warm-up visit counts
+are summed over processes when a checkpoint is written.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.losses import DiceCELoss
+from monai.transforms import Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd
+
+from .checkpoints import ModelInfo, Preprocessing, read_checkpoint, save_checkpoint
+from .data.datasets import PreparedCase, find_cases, largest_in_plane_size, load_prepared, parse_label_map
+from .errors import InputError
+from .inference import resolve_device
+from .io import read_volume
+from .model import FINE, get_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    data: str
+    out: str
+    config: str = "fine-tiny"
+    window_tokens: bool = True
+    volume_tokens: bool = True
+    epochs: int = 10
+    iterations: int = 100  # per epoch
+    batch_size: int = 2
+    lr: float = 1e-2
+    momentum: float = 0.99
+    grad_clip: float = 12.0
+    seed: int = 0
+    device: str = "auto"
+    target_spacing: tuple[float, float, float] = (3.0, 3.0, 6.0)  # (x, y, z) mm
+    foreground_fraction: float = 0.33
+    bank_probability: float = 0.5
+    label_map: str = "identity"
+    validation_cases: list[str] = field(default_factory=list)  # case ids kept out of training
+    resume: str | None = None
+    progress: bool = True
+
+
+def intensity_statistics(cases, mapping, samples_per_case: int = 20000, seed: int = 0) -> tuple[tuple[float, float], float, float]:
+    """nnU-Net's CT normalisation from the labelled voxels: clip to their 0.5-99.5 percentiles, then z-score."""
+    from .data.datasets import map_labels
+
+    rng = np.random.default_rng(seed)
+    values = []
+    for c in cases:
+        image = read_volume(c.image).array
+        label = map_labels(read_volume(c.label, kind="label").array, mapping)
+        fg = image[label > 0]
+        if fg.size:
+            values.append(rng.choice(fg, min(samples_per_case, fg.size), replace=False))
+    if not values:
+        raise InputError("The training labels hold no organ voxels; check the label map.")
+    v = np.concatenate(values)
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    v = np.clip(v, lo, hi)
+    return (float(lo), float(hi)), float(v.mean()), float(v.std())
+
+
+class CropSampler:
+    """Random crops of prepared cases, with their positions relative to the padded volume centre
+    (the same frame inference uses: MONAI pads a small volume by diff // 2 in front)."""
+
+    def __init__(self, cases: list[PreparedCase], crop: tuple[int, int, int], air: float, foreground_fraction: float, rng: np.random.Generator) -> None:
+        self.crop = np.array(crop)
+        self.fg = foreground_fraction
+        self.rng = rng
+        self.cases = []
+        for c in cases:
+            shape = np.array(c.image.shape)
+            diff = np.maximum(self.crop - shape, 0)
+            pad = [(d // 2, d - d // 2) for d in diff]
+            image = np.pad(c.image, pad, constant_values=air) if diff.any() else c.image
+            label = np.pad(c.label, pad) if diff.any() else c.label
+            organs = {v: np.argwhere(label == v) for v in np.unique(label) if v}
+            self.cases.append((image, label, organs))
+
+    def sample(self, index: int | None = None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """(case index, image crop, label crop, position (z, y, x))."""
+        i = int(self.rng.integers(len(self.cases))) if index is None else index
+        image, label, organs = self.cases[i]
+        shape = np.array(image.shape)
+        high = shape - self.crop
+        if organs and self.rng.random() < self.fg:
+            voxels = organs[list(organs)[int(self.rng.integers(len(organs)))]]
+            centre = voxels[int(self.rng.integers(len(voxels)))]
+            start = np.clip(centre - self.crop // 2, 0, high)
+        else:
+            start = np.array([int(self.rng.integers(h + 1)) for h in high])
+        sl = tuple(slice(s, s + c) for s, c in zip(start, self.crop))
+        position = (2 * start + self.crop - shape) / 2.0
+        return i, image[sl], label[sl], position
+
+
+def _augment() -> Compose:
+    return Compose([
+        # Rotation about the z axis only (in-plane), as CT is acquired; scaling 0.85-1.15.
+        RandAffined(keys=["image", "label"], prob=0.3, rotate_range=(np.pi / 12, 0, 0), scale_range=(0.15, 0.15, 0.15),
+                    mode=("bilinear", "nearest"), padding_mode="border"),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.3),
+        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.3),
+        RandGaussianNoised(keys="image", std=0.05, prob=0.2),
+    ])
+
+
+def _distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def train(settings: TrainSettings) -> Path:
+    """Train a FINE model; returns the path of the final checkpoint (``<out>/model.pt``)."""
+    rank, world, local_rank = _distributed()
+    device = resolve_device(settings.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+    out = Path(settings.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng([settings.seed, rank])
+
+    mapping = parse_label_map(settings.label_map)
+    all_cases = find_cases(settings.data)
+    held_out = set(settings.validation_cases)
+    cases = [c for c in all_cases if c.case_id not in held_out]
+    if not cases:
+        raise InputError("Every case is held out for validation; leave some for training.")
+
+    start_epoch = 0
+    extra: dict[str, Any] = {}
+    if settings.resume:
+        payload = read_checkpoint(settings.resume)
+        info = ModelInfo.from_dict(payload["metadata"])
+        extra = payload.get("extra", {})
+        start_epoch = int(extra.get("epoch", 0))
+    else:
+        clip, mean, std = intensity_statistics(cases, mapping, seed=settings.seed)
+        pre = Preprocessing(target_spacing=tuple(settings.target_spacing), clip=clip, mean=mean, std=std)
+        info = ModelInfo(config=get_config(settings.config), preprocessing=pre)
+    prepared = load_prepared(cases, info.preprocessing, mapping, progress=settings.progress and rank == 0)
+    if not settings.resume:
+        cfg = get_config(settings.config, window_tokens=settings.window_tokens, volume_tokens=settings.volume_tokens,
+                         max_volume_size=largest_in_plane_size(prepared))
+        info.config = cfg
+    cfg = info.config
+
+    model = FINE(cfg).to(device)
+    if settings.resume:
+        model.load_state_dict(payload["state_dict"])
+    visits_at_sync = model.trained_visits.clone()
+    net: torch.nn.Module = model
+    if world > 1:
+        # Volume-token MSA of a stage's last block only feeds the returned state, so some
+        # parameters get no gradient; buffers are not broadcast so each rank counts its own visits.
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                                        find_unused_parameters=True, broadcast_buffers=False)
+    total_iters = settings.epochs * settings.iterations
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=True, weight_decay=3e-5)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_iters, power=0.9)
+    if extra:
+        optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    augment = _augment()
+    augment.set_random_state(seed=settings.seed + rank)
+    air = (info.preprocessing.clip[0] - info.preprocessing.mean) / info.preprocessing.std
+    sampler = CropSampler(prepared, cfg.crop_size, air, settings.foreground_fraction, rng)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+
+    info.training = {
+        "data": str(Path(settings.data).resolve().name),
+        "cases": [c.case_id for c in cases],
+        "held_out": sorted(held_out),
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items() if k not in ("data", "out", "resume", "progress")},
+        "processes": world,
+    }
+    log_path = out / "training_log.csv"
+    if rank == 0 and not (settings.resume and log_path.exists()):
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerow(["epoch", "iteration", "loss", "lr", "seconds"])
+
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    for epoch in range(start_epoch, settings.epochs):
+        net.train()
+        losses = []
+        bar = tqdm(range(settings.iterations), desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not (settings.progress and rank == 0))
+        for it in bar:
+            batch = [sampler.sample() for _ in range(settings.batch_size)]
+            items = [augment({"image": img[None], "label": lab[None]}) for _, img, lab, _ in batch]
+            x = torch.stack([torch.as_tensor(d["image"]) for d in items]).float().to(device)
+            y = torch.stack([torch.as_tensor(d["label"]) for d in items]).long().to(device)
+            positions = torch.tensor(np.stack([p for *_, p in batch]), dtype=torch.float32, device=device)
+            state = None
+            if cfg.volume_tokens and rng.random() < settings.bank_probability:
+                with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                    for _ in range(int(rng.integers(1, 3))):
+                        warm = [sampler.sample(i) for i, *_ in batch]
+                        wx = torch.as_tensor(np.stack([w[1] for w in warm]))[:, None].float().to(device)
+                        wp = torch.tensor(np.stack([w[3] for w in warm]), dtype=torch.float32, device=device)
+                        state = model(wx, wp, state).state
+                state = state.detach()
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                output = net(x, positions, state, deep_supervision=True, return_state=False)
+                loss = loss_fn(output.logits.float(), y)
+                loss = loss + 0.5 * loss_fn(output.deep[0].float(), y[:, :, ::2, ::2, ::2])
+                loss = loss / 1.5
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.detach().item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            if rank == 0 and (it + 1) % 10 == 0:
+                with open(log_path, "a", newline="") as f:
+                    csv.writer(f).writerow([epoch + 1, epoch * settings.iterations + it + 1, f"{np.mean(losses[-10:]):.5f}",
+                                            f"{scheduler.get_last_lr()[0]:.6f}", f"{time.perf_counter() - started:.1f}"])
+        visits_at_sync = _sync_visits(model, visits_at_sync, world)
+        info.training["epochs_done"] = epoch + 1
+        info.training["final_loss"] = round(float(np.mean(losses[-max(1, len(losses) // 4):])), 5)
+        info.training["seconds"] = round(time.perf_counter() - started, 1)
+        if rank == 0:
+            save_checkpoint(out / "checkpoint_latest.pt", model, info,
+                            extra={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1})
+            logger.info("epoch %d: loss %.4f", epoch + 1, info.training["final_loss"])
+    final = out / "model.pt"
+    if rank == 0:
+        save_checkpoint(final, model, info)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def _sync_visits(model: FINE, at_sync: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum every process's new warm-up visits into each process's counter."""
+    if world > 1:
+        delta = model.trained_visits - at_sync
+        dist.all_reduce(delta)
+        model.trained_visits.copy_(at_sync + delta)
+    return model.trained_visits.clone()

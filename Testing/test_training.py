@@ -1,0 +1,104 @@
+"""Datasets, training (one process and two under torchrun), evaluation."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from FINESegmentationLib.checkpoints import load_checkpoint, read_checkpoint
+from FINESegmentationLib.data.datasets import find_cases, map_labels, parse_label_map
+from FINESegmentationLib.data.phantoms import write_dataset
+from FINESegmentationLib.errors import InputError
+from FINESegmentationLib.evaluation import Evaluation, case_metrics, markdown_table
+from FINESegmentationLib.inference import _CropPredictor
+from FINESegmentationLib.training import CropSampler, TrainSettings, train
+from FINESegmentationLib.volume import Geometry, Volume
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantoms")
+    write_dataset(out, 2, seed=5, in_plane=64, progress=False)
+    return out
+
+
+def test_training_crop_positions_use_the_frame_of_inference():
+    cases = [type("C", (), {"image": np.zeros((40, 100, 90), np.float32), "label": np.zeros((40, 100, 90), np.uint8)})()]
+    sampler = CropSampler(cases, (32, 64, 64), -1.0, 0.0, np.random.default_rng(0))
+    predictor = _CropPredictor.__new__(_CropPredictor)
+    predictor.padded = torch.tensor((40.0, 100.0, 90.0))
+    for _ in range(20):
+        _, _, _, pos = sampler.sample()
+        start = (2 * pos - np.array([32, 64, 64]) + np.array([40, 100, 90])) / 2
+        slices = [[slice(0, 1), slice(None)] + [slice(int(s), int(s) + c) for s, c in zip(start, (32, 64, 64))]]
+        assert np.allclose(predictor.positions(slices)[0].numpy(), pos), "training and inference agree on where a crop is"
+
+
+def test_bcv_and_msd_layouts_and_label_maps(tmp_path, phantoms):
+    assert [c.case_id for c in find_cases(phantoms)] == ["phantom_000", "phantom_001"], "MSD/nnU-Net layout from dataset.json"
+    for sub in ("img", "label"):
+        (tmp_path / "Training" / sub).mkdir(parents=True)
+    (tmp_path / "Training" / "img" / "img0001.nii.gz").write_bytes(b"")
+    (tmp_path / "Training" / "label" / "label0001.nii.gz").write_bytes(b"")
+    assert [c.case_id for c in find_cases(tmp_path)] == ["0001"], "BCV layout (img/ + label/)"
+    bcv = parse_label_map("bcv")
+    assert map_labels(np.array([6, 11, 5, 13]), bcv).tolist() == [5, 8, 0, 0], "BCV liver->5, pancreas->8, others background"
+    with pytest.raises(InputError):
+        parse_label_map("6:x")
+    with pytest.raises(InputError, match="No labelled cases"):
+        find_cases(tmp_path / "Training" / "img")
+
+
+def test_training_writes_a_loadable_checkpoint_and_resumes(tmp_path, phantoms):
+    settings = TrainSettings(data=str(phantoms), out=str(tmp_path / "run"), epochs=1, iterations=2, device="cpu",
+                             validation_cases=["phantom_001"], progress=False, bank_probability=1.0)
+    path = train(settings)
+    model, info = load_checkpoint(path)
+    assert info.training["cases"] == ["phantom_000"] and info.training["held_out"] == ["phantom_001"], "held-out case not trained on"
+    assert info.preprocessing.std > 0 and info.preprocessing.clip[0] < info.preprocessing.clip[1], "intensity statistics from the data"
+    assert int(model.trained_visits.sum()) > 0, "training counts the cells its crops visited"
+    settings.epochs, settings.resume = 2, str(tmp_path / "run" / "checkpoint_latest.pt")
+    train(settings)
+    payload = read_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")
+    assert payload["extra"]["epoch"] == 2 and payload["metadata"]["training"]["epochs_done"] == 2, "resumed from epoch 1 to 2"
+
+
+def test_two_process_torchrun_training_step(tmp_path, phantoms):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "FINESegmentation"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "FINESegmentationLib.cli", "train", "--data", str(phantoms), "--out", str(tmp_path / "ddp"),
+           "--epochs", "1", "--iterations", "2", "--batch-size", "1", "--device", "cpu", "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model, info = load_checkpoint(tmp_path / "ddp" / "model.pt")
+    assert info.training["processes"] == 2, "both processes took part"
+    # Each process ran 2 iterations of 1 crop (plus bank warm-up crops): the counts of both are summed.
+    assert int(model.trained_visits.sum()) >= 2 * 2 * 4, "visit counts of both processes are summed"
+
+
+def test_case_metrics_dice_and_hd95_in_millimetres():
+    ref = np.zeros((20, 40, 40), np.uint8)
+    ref[5:15, 10:30, 10:30] = 5
+    pred = np.zeros_like(ref)
+    pred[5:15, 10:30, 12:32] = 5  # shifted by 2 voxels along x
+    g = Geometry(spacing=(1.5, 1.0, 3.0))
+    m = case_metrics(Volume(pred, g), Volume(ref, g))["liver"]
+    assert m["dice"] == pytest.approx(0.9), "18 of 20 columns overlap"
+    assert m["hd95"] == pytest.approx(3.0), "a 2-voxel shift along x is 3 mm at 1.5 mm spacing"
+    perfect = Evaluation("x", {"a": case_metrics(Volume(ref, g), Volume(ref, g))})
+    assert perfect.mean("dice") == 1.0 and perfect.mean("hd95") == 0.0
+    assert "| Method | HD95 (mm) | DSC | Sp |" in markdown_table([perfect]), "shaped like the paper's Table 1"
+
+
+def test_phantom_command_writes_a_dataset(tmp_path):
+    from FINESegmentationLib.cli import main
+
+    assert main(["phantom", "--out", str(tmp_path / "p"), "--cases", "1", "--in-plane", "64", "-q"]) == 0
+    meta = json.loads((tmp_path / "p" / "dataset.json").read_text())
+    assert meta["numTraining"] == 1 and (tmp_path / "p" / "labelsTr" / "phantom_000.nii.gz").exists()
