@@ -69,14 +69,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-def _case_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".seg.nrrd", *_IMAGE_SUFFIXES):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _expand_inputs(inputs: list[str]) -> list[Path]:
     """Files as given; a folder is one DICOM series, or else every image file inside it."""
     import SimpleITK as sitk
@@ -114,7 +106,9 @@ def _output_paths(cases: list[Path], output: str | None, extension: str) -> list
             folder.mkdir(parents=True)
         except OSError as exc:
             raise InputError(f"Cannot create the output folder {folder} ({exc.strerror}); choose a folder you can write to.") from None
-    targets = [folder / f"{_case_name(c)}{extension}" for c in cases]
+    from .io import case_name
+
+    targets = [folder / f"{case_name(c)}{extension}" for c in cases]
     if len(set(targets)) != len(targets):
         raise InputError("Two inputs have the same name, so their outputs would overwrite each other; rename one of them.")
     return targets
@@ -147,6 +141,8 @@ class _ProgressBar:
 def _cmd_segment(args: argparse.Namespace) -> int:
     import json
 
+    from .io import case_name
+
     from .inference import Segmenter
 
     cases = _expand_inputs(args.inputs)
@@ -156,8 +152,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                           largest_component=args.largest_component, sw_batch_size=args.sw_batch_size)
     reports, failures = [], 0
     for case, target in zip(cases, outputs):
-        probs = target.with_name(_case_name(target) + "_probabilities.nii.gz") if args.probabilities else None
-        bar = _ProgressBar(_case_name(case), not args.quiet)
+        probs = target.with_name(case_name(target) + "_probabilities.nii.gz") if args.probabilities else None
+        bar = _ProgressBar(case_name(case), not args.quiet)
         try:
             result = segmenter.segment_file(case, target, probabilities_path=probs, progress=bar)
         except FINEError as exc:

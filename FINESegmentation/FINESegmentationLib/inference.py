@@ -123,7 +123,7 @@ def peak_rss_mb() -> float:
 def default_model_name() -> str:
     registry = read_registry()
     if not registry:
-        raise CheckpointError("No FINE model is installed; give --model with the path of a checkpoint file.")
+        raise CheckpointError("No FINE model is installed; choose a checkpoint file (fine-seg --model PATH, or Load checkpoint in Slicer).")
     return next(iter(registry))
 
 

@@ -550,6 +550,18 @@ def _extension(path: Path) -> str:
     return path.suffix.lower()
 
 
+CASE_SUFFIXES: tuple[str, ...] = (SEGMENTATION_EXTENSION, ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def case_name(path: PathLike) -> str:
+    """A file's name without its image extension (``ct.nii.gz`` -> ``ct``); a folder's name as it is."""
+    name = Path(path).name
+    for suffix in CASE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def check_output_path(path: PathLike, extensions: Sequence[str] = SEGMENTATION_WRITE_EXTENSIONS) -> Path:
     """Refuse an output path that cannot be written (format, folder, permissions) before any work is done."""
     path = Path(path)

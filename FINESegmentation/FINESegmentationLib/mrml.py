@@ -1,0 +1,394 @@
+"""The Slicer side of the engine: MRML nodes in, MRML nodes out, and the Logic's work.
+
+This is the only engine file that imports ``slicer`` or ``vtk``, and only the
+module's Logic (``FINESegmentation.py``) calls it. It needs no Qt and no
+``slicer.app``: every node is reached through the scene of the nodes it is given,
+and the segmentation is built with VTK objects, so the same code runs in 3D Slicer
+and on the ``slicer-core`` wheel in CI.
+
+Threading: MRML and VTK are touched on the calling (GUI) thread only; all torch
+work runs on the one :class:`~FINESegmentationLib.worker.TorchWorker` thread. A
+segmentation is therefore three steps: :func:`volume_from_node` (GUI thread),
+:meth:`FINESegmentationLogicCore.startSegmentation` (worker), and
+:meth:`FINESegmentationLogicCore.importResult` (GUI thread). The scene is changed
+only in the last step, after the network succeeded, so an error or a cancel leaves
+it exactly as it was.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from .errors import CancelledError, FINEError, InputError
+from .io import case_name
+from .labels import ORGAN_BY_NAME
+from .volume import Geometry, Volume
+from .worker import Job, TorchWorker
+
+logger = logging.getLogger(__name__)
+
+# Colours for classes of a custom checkpoint that are not among the product's organs.
+_OTHER_COLOURS = ((0.90, 0.60, 0.0), (0.35, 0.70, 0.90), (0.0, 0.60, 0.50), (0.95, 0.90, 0.25), (0.80, 0.40, 0.70))
+
+
+def segment_id(class_name: str) -> str:
+    """The segment ID of a class, as in the ``.seg.nrrd`` files the engine writes (``right_kidney``)."""
+    return class_name.replace(" ", "_")
+
+
+# --------------------------------------------------------------------------- nodes -> arrays
+
+
+def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def volume_from_node(volumeNode) -> Volume:
+    """The CT of a scalar volume node as a :class:`Volume` (float32 ``[z, y, x]``, geometry in LPS).
+
+    The geometry is the node's own IJK-to-RAS matrix; a parent transform is not
+    applied (the segmentation is placed under the same transform instead).
+    """
+    if volumeNode is None:
+        raise InputError("No input volume is selected; load a CT and select it as the input volume.")
+    if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise InputError(f"'{volumeNode.GetName()}' is not a CT image (it is a {volumeNode.GetClassName()}); select a scalar CT volume.")
+    image = volumeNode.GetImageData()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"The volume '{volumeNode.GetName()}' holds no image data; load the CT again.")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(
+            f"The volume '{volumeNode.GetName()}' has {image.GetNumberOfScalarComponents()} components per voxel; "
+            "FINE needs a single-channel CT."
+        )
+    dims = image.GetDimensions()
+    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    # Copied (astype), so the network never reads VTK memory that the GUI may change meanwhile.
+    array = scalars.reshape(dims[2], dims[1], dims[0]).astype(np.float32)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(ijk_to_ras)
+    return Volume(array, Geometry.from_ras_matrix(_matrix_to_numpy(ijk_to_ras)))
+
+
+# --------------------------------------------------------------------------- arrays -> nodes
+
+
+@dataclass(frozen=True)
+class SegmentClass:
+    """One segment to create: its label value in the label map and its class name."""
+
+    label: int
+    name: str
+
+
+@dataclass
+class SegmentationOutput:
+    """What the worker hands back to the GUI thread: the label map, its classes, and the engine's report."""
+
+    labels: Volume
+    classes: list[SegmentClass]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _labelmap_image(labels: Volume, ijk_to_ras: vtk.vtkMatrix4x4):
+    """A ``vtkOrientedImageData`` holding the label map on the volume's grid."""
+    image = slicer.vtkOrientedImageData()
+    z, y, x = labels.shape
+    image.SetDimensions(x, y, z)
+    image.SetImageToWorldMatrix(ijk_to_ras)
+    # C order of [z, y, x] is VTK's point order (x fastest); deep copy, so VTK owns its memory.
+    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(labels.array, dtype=np.uint8).ravel(), deep=True,
+                                         array_type=vtk.VTK_UNSIGNED_CHAR)
+    scalars.SetName("labels")
+    image.GetPointData().SetScalars(scalars)
+    return image
+
+
+def _segments(labels: Volume, classes: Sequence[SegmentClass], ijk_to_ras: vtk.vtkMatrix4x4) -> list[tuple[str, Any]]:
+    """(segment ID, vtkSegment) per class, all sharing one label map layer (as Slicer's own .seg.nrrd reader does)."""
+    from .io import terminology_entry
+
+    image = _labelmap_image(labels, ijk_to_ras)
+    representation = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    segments, others = [], 0
+    for cls in classes:
+        segment = slicer.vtkSegment()
+        segment.SetName(cls.name)
+        organ = ORGAN_BY_NAME.get(cls.name)
+        if organ is not None:
+            segment.SetColor(*organ.color_float)
+            segment.SetTag("TerminologyEntry", terminology_entry(organ))
+        else:
+            segment.SetColor(*_OTHER_COLOURS[others % len(_OTHER_COLOURS)])
+            others += 1
+        # Our names and colours are deliberate: Slicer must not replace them from the terminology.
+        segment.SetNameAutoGenerated(False)
+        segment.SetColorAutoGenerated(False)
+        segment.SetLabelValue(cls.label)
+        segment.AddRepresentation(representation, image)
+        segments.append((segment_id(cls.name), segment))
+    return segments
+
+
+def _same_grid(labels: Volume, volumeNode) -> vtk.vtkMatrix4x4:
+    """The volume's IJK-to-RAS matrix, after checking the labels still fit its grid (the user may have changed it meanwhile)."""
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(ijk_to_ras)
+    image = volumeNode.GetImageData()
+    dims = tuple(image.GetDimensions()) if image is not None else ()
+    if dims != labels.shape[::-1] or not labels.geometry.allclose(Geometry.from_ras_matrix(_matrix_to_numpy(ijk_to_ras))):
+        raise InputError(
+            f"The volume '{volumeNode.GetName()}' changed while it was being segmented; segment it again."
+        )
+    return ijk_to_ras
+
+
+def _place_in_study(segmentationNode, volumeNode) -> None:
+    """Put the segmentation beside the volume in the subject hierarchy (its study), so DICOM SEG export finds both."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volumeNode.GetScene())
+    if hierarchy is None:
+        return
+    volume_item = hierarchy.GetItemByDataNode(volumeNode)
+    parent = hierarchy.GetItemParent(volume_item) if volume_item else hierarchy.GetSceneItemID()
+    item = hierarchy.GetItemByDataNode(segmentationNode)
+    if item:
+        hierarchy.SetItemParent(item, parent)
+    else:
+        # Slicer's subject hierarchy plugins create the item on NodeAdded; without Qt (slicer-core) nobody does.
+        hierarchy.CreateItem(parent, segmentationNode)
+
+
+def _remove_node(scene, node) -> None:
+    """Remove a node and its display nodes (the scene does not remove those by itself)."""
+    display_nodes = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    scene.RemoveNode(node)
+    for display_node in display_nodes:
+        if display_node is not None:
+            scene.RemoveNode(display_node)
+
+
+def write_segmentation_node(output: SegmentationOutput, volumeNode, segmentationNode=None):
+    """Put the labels into ``segmentationNode`` (replacing its segments of the same classes) or into a new node.
+
+    Each class becomes a named, coloured segment, an organ with its SNOMED CT
+    ``TerminologyEntry`` tag; the node's reference geometry is the volume's; a new
+    node is placed in the volume's study and under the volume's parent transform.
+    Segments of an existing node that are not classes of this model are kept.
+    Returns the segmentation node.
+    """
+    ijk_to_ras = _same_grid(output.labels, volumeNode)
+    if segmentationNode is not None and segmentationNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
+        raise InputError(
+            f"The segmentation '{segmentationNode.GetName()}' is under a different transform than the volume "
+            f"'{volumeNode.GetName()}'; choose another output segmentation or create a new one."
+        )
+    segments = _segments(output.labels, output.classes, ijk_to_ras)
+    scene = volumeNode.GetScene()
+    created = segmentationNode is None
+    if created:
+        segmentationNode = scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{volumeNode.GetName()} FINE segmentation")
+        )
+    try:
+        was_modifying = segmentationNode.StartModify()
+        try:
+            if created:
+                segmentationNode.CreateDefaultDisplayNodes()
+                segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+            segmentation = segmentationNode.GetSegmentation()
+            for sid, segment in segments:
+                if segmentation.GetSegment(sid) is not None:
+                    segmentation.RemoveSegment(sid)
+                segmentation.AddSegment(segment, sid)
+        finally:
+            segmentationNode.EndModify(was_modifying)
+        if created:
+            _place_in_study(segmentationNode, volumeNode)
+    except BaseException:
+        if created:
+            _remove_node(scene, segmentationNode)
+        raise
+    return segmentationNode
+
+
+# --------------------------------------------------------------------------- the Logic's work
+
+
+def device_choices() -> list[tuple[str, str]]:
+    """(device, label) for every device this machine can run on, best first: CUDA with free memory, MPS, CPU."""
+    import torch
+
+    from .inference import available_devices
+
+    choices = []
+    for device in available_devices():
+        if device.startswith("cuda"):
+            index = int(device.split(":")[1])
+            free, total = torch.cuda.mem_get_info(index)
+            label = f"{device}: {torch.cuda.get_device_name(index)} ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free)"
+        elif device == "mps":
+            label = "mps: Apple GPU"
+        else:
+            label = "cpu (slow)"
+        choices.append((device, label))
+    return choices
+
+
+@dataclass(frozen=True)
+class _Options:
+    model: str | None
+    device: str
+    bank: str
+    fast: bool
+    tta: bool
+
+
+class FINESegmentationLogicCore:
+    """Everything the module's Logic does, without Qt: segment volume nodes or files with FINE.
+
+    One loaded model is kept between runs (the last one used), so segmenting
+    several volumes with the same model and device loads it once.
+    """
+
+    def __init__(self, worker: TorchWorker | None = None, cache: Path | None = None) -> None:
+        self.worker = worker or TorchWorker()
+        self.cache = cache
+        self._loaded: tuple[tuple[str | None, str], Any] | None = None  # touched on the worker thread only
+
+    # ---------------------------------------------------------------- models
+
+    def modelChoices(self):
+        """The registered models (see :func:`FINESegmentationLib.weights.model_choices`)."""
+        from .weights import model_choices
+
+        return model_choices(self.cache)
+
+    def importCheckpoint(self, path: str | os.PathLike) -> str:
+        """Make a checkpoint file usable and return the model name to select (a registered name or the path).
+
+        Checking the file loads it with torch, so it runs on the worker thread.
+        """
+        from .weights import import_checkpoint
+
+        def run(progress, cancel):
+            return import_checkpoint(path, self.cache)
+
+        return self.worker.submit(run).wait()
+
+    def deviceChoices(self) -> list[tuple[str, str]]:
+        return device_choices()
+
+    # ---------------------------------------------------------------- one volume node
+
+    def volumeFromNode(self, volumeNode) -> Volume:
+        return volume_from_node(volumeNode)
+
+    def startSegmentation(self, volume: Volume, *, model: str | None = None, device: str = "auto", bank: str = "accumulate",
+                          fast: bool = False, tta: bool = False, cancel: threading.Event | None = None) -> Job:
+        """Queue the network on the worker thread; the job's result is a :class:`SegmentationOutput`.
+
+        Progress events carry a :class:`~FINESegmentationLib.inference.Progress` (crops) or a
+        :class:`~FINESegmentationLib.weights.DownloadProgress` (a model being fetched).
+        """
+        options = _Options(model or None, device or "auto", bank, bool(fast), bool(tta))
+        return self.worker.submit(self._run, volume, options, cancel=cancel)
+
+    def importResult(self, output: SegmentationOutput, volumeNode, segmentationNode=None):
+        """Write a finished job's labels into the scene (GUI thread); returns the segmentation node."""
+        return write_segmentation_node(output, volumeNode, segmentationNode)
+
+    def segment(self, volumeNode, segmentationNode=None, *, model: str | None = None, device: str = "auto",
+                bank: str = "accumulate", fast: bool = False, tta: bool = False,
+                progress: Callable[[Any], None] | None = None, cancel: threading.Event | None = None):
+        """Segment a CT volume node; returns the segmentation node (new unless ``segmentationNode`` is given).
+
+        Blocks until done. ``progress`` is called on this thread with each
+        :class:`~FINESegmentationLib.inference.Progress` (or ``DownloadProgress``);
+        setting ``cancel`` stops within one crop and raises ``CancelledError`` with
+        the scene unchanged.
+        """
+        volume = volume_from_node(volumeNode)
+        job = self.startSegmentation(volume, model=model, device=device, bank=bank, fast=fast, tta=tta, cancel=cancel)
+        output = job.wait(progress)
+        return self.importResult(output, volumeNode, segmentationNode)
+
+    # ---------------------------------------------------------------- files
+
+    def segmentFiles(self, inputPaths: Sequence[str | os.PathLike], outputDir: str | os.PathLike, *,
+                     model: str | None = None, device: str = "auto", bank: str = "accumulate", fast: bool = False,
+                     tta: bool = False, extension: str = ".seg.nrrd",
+                     progress: Callable[[int, int, Any], None] | None = None,
+                     cancel: threading.Event | None = None) -> list[dict[str, Any]]:
+        """Segment CT files (or DICOM folders) into ``outputDir/<name><extension>``; the scene is not touched.
+
+        Returns one entry per input: ``{"input", "output", "report"}`` when it worked,
+        ``{"input", "output": None, "error": sentence}`` when that case failed (the
+        others go on). ``progress(case_index, case_count, event)`` is called on this
+        thread. ``cancel`` stops the batch within one crop and raises ``CancelledError``;
+        files already written stay, the current one is not written.
+        """
+        from .io import SEGMENTATION_WRITE_EXTENSIONS
+
+        if extension not in SEGMENTATION_WRITE_EXTENSIONS:
+            raise InputError(f"'{extension}' is not an output format; use one of {', '.join(SEGMENTATION_WRITE_EXTENSIONS)}.")
+        folder = Path(outputDir).expanduser()
+        if not folder.is_dir():
+            raise InputError(f"The output folder {folder} does not exist; create it or choose another folder.")
+        inputs = [Path(p).expanduser() for p in inputPaths]
+        targets = [folder / f"{case_name(p)}{extension}" for p in inputs]
+        if len(set(targets)) != len(targets):
+            raise InputError("Two inputs have the same name, so their outputs would overwrite each other; rename one of them.")
+        options = _Options(model or None, device or "auto", bank, bool(fast), bool(tta))
+        results: list[dict[str, Any]] = []
+        for index, (source, target) in enumerate(zip(inputs, targets)):
+            job = self.worker.submit(self._run_file, source, target, options, cancel=cancel)
+            try:
+                report = job.wait(None if progress is None else lambda event, i=index: progress(i, len(inputs), event))
+            except CancelledError:
+                raise CancelledError(f"The batch was cancelled after {index} of {len(inputs)} cases; the current case was not written.") from None
+            except FINEError as error:
+                logger.warning("%s: %s", source, error)
+                results.append({"input": str(source), "output": None, "error": str(error)})
+                continue
+            results.append({"input": str(source), "output": str(target), "report": report})
+        return results
+
+    # ---------------------------------------------------------------- worker thread
+
+    def _segmenter(self, options: _Options, progress, cancel):
+        """The Segmenter for these options, reusing the loaded model when the model and device are unchanged."""
+        from .inference import Segmenter, default_model_name
+        from .weights import local_checkpoint
+
+        name = options.model or default_model_name()
+        key = (name, options.device)
+        if self._loaded is None or self._loaded[0] != key:
+            self._loaded = None  # free the previous model before loading the next
+            path, sha = local_checkpoint(name, self.cache, progress, cancel)
+            progress(f"Loading model {Path(name).name}...")
+            base = Segmenter(str(path), device=options.device)
+            base.model_name, base.model_sha256 = name, sha or base.model_sha256
+            self._loaded = (key, base)
+        base = self._loaded[1]
+        segmenter = Segmenter((base.model, base.info), device=str(base.device), bank=options.bank, fast=options.fast, tta=options.tta)
+        segmenter.model_name, segmenter.model_sha256 = base.model_name, base.model_sha256
+        return segmenter
+
+    def _run(self, volume: Volume, options: _Options, progress, cancel) -> SegmentationOutput:
+        segmenter = self._segmenter(options, progress, cancel)
+        result = segmenter.segment(volume, progress=progress, cancel=cancel)
+        classes = [SegmentClass(int(v), n) for v, n in zip(segmenter.info.label_values, segmenter.info.class_names) if v != 0]
+        return SegmentationOutput(result.labels, classes, result.report)
+
+    def _run_file(self, source: Path, target: Path, options: _Options, progress, cancel) -> dict[str, Any]:
+        return self._segmenter(options, progress, cancel).segment_file(source, target, progress=progress, cancel=cancel).report
