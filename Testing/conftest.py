@@ -15,18 +15,23 @@ def _seeded():
     yield
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A fine-tiny checkpoint with random weights on a coarse 3 x 3 x 6 mm grid (fast on a CPU)."""
+def _random_checkpoint(tmp_path_factory, name: str, spacing, seed: int):
+    """A fine-tiny checkpoint with random weights on a coarse grid (fast on a CPU)."""
     from FINESegmentationLib.checkpoints import ModelInfo, Preprocessing, save_checkpoint
     from FINESegmentationLib.model import build_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model("fine-tiny")
-    info = ModelInfo(config=model.config, preprocessing=Preprocessing(target_spacing=(3.0, 3.0, 6.0)), description="random weights, tests only")
-    path = tmp_path_factory.mktemp("models") / "tiny.pt"
+    info = ModelInfo(config=model.config, preprocessing=Preprocessing(target_spacing=spacing), description="random weights, tests only")
+    path = tmp_path_factory.mktemp("models") / f"{name}.pt"
     save_checkpoint(path, model, info)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Random weights on a 3 x 3 x 6 mm grid."""
+    return _random_checkpoint(tmp_path_factory, "tiny", (3.0, 3.0, 6.0), 0)
 
 
 @pytest.fixture(scope="session")
@@ -57,16 +62,8 @@ def make_ct(shape=(24, 72, 72), spacing=(4.0, 4.0, 8.0), direction=None, seed=0)
 
 @pytest.fixture(scope="session")
 def coarse_checkpoint(tmp_path_factory):
-    """A fine-tiny checkpoint with random weights on an 8 x 8 x 16 mm grid: one crop covers a chest CT (MRML tests)."""
-    from FINESegmentationLib.checkpoints import ModelInfo, Preprocessing, save_checkpoint
-    from FINESegmentationLib.model import build_model
-
-    torch.manual_seed(1)
-    model = build_model("fine-tiny")
-    info = ModelInfo(config=model.config, preprocessing=Preprocessing(target_spacing=(8.0, 8.0, 16.0)), description="random weights, tests only")
-    path = tmp_path_factory.mktemp("models") / "coarse.pt"
-    save_checkpoint(path, model, info)
-    return path
+    """Random weights on an 8 x 8 x 16 mm grid: one crop covers a chest CT (MRML tests)."""
+    return _random_checkpoint(tmp_path_factory, "coarse", (8.0, 8.0, 16.0), 1)
 
 
 @pytest.fixture

@@ -98,3 +98,10 @@ def test_shipped_registry_is_readable_and_every_listed_file_matches_its_hash():
     for entry in read_registry().values():
         assert entry.path.is_file(), f"{entry.name}: file {entry.path} is shipped"
         assert sha256_of(entry.path) == entry.sha256, f"{entry.name}: shipped file matches its registered SHA256"
+
+
+def test_shipped_models_say_they_are_for_demonstration_only():
+    for entry in read_registry().values():
+        _, info = load_checkpoint(entry.path, entry.sha256)
+        assert info.clinical_use is False and "not for clinical use" in info.description, f"{entry.name} is marked demo-only"
+        assert "phantom" in info.description, f"{entry.name} says it was trained on synthetic phantoms"

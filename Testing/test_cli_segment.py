@@ -95,3 +95,11 @@ def test_a_failing_case_in_a_batch_does_not_stop_the_others(capsys, tmp_path, ti
     code, _, err = _run(capsys, tmp_path / "in", "--model", tiny_checkpoint, "-o", tmp_path / "out", "--bank", "stateless")
     assert code == 1 and "bad.nrrd" in err, "the failure is named and the exit status is non-zero"
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["good.seg.nrrd"], "the good case is still segmented"
+
+
+def test_demo_generates_segments_and_scores_a_phantom(capsys, tmp_path, tiny_checkpoint):
+    code = main(["demo", "--model", str(tiny_checkpoint), "--in-plane", "64", "--out", str(tmp_path / "demo"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert {"phantom_ct.nii.gz", "phantom_ct.seg.nrrd", "phantom_reference.seg.nrrd", "report.json"} <= {p.name for p in (tmp_path / "demo").iterdir()}
+    assert "| Method | HD95 (mm) | DSC |" in out and "Segmented in" in out, "the demo prints the time and a Dice table"

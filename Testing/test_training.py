@@ -57,7 +57,7 @@ def test_bcv_and_msd_layouts_and_label_maps(tmp_path, phantoms):
 
 def test_training_writes_a_loadable_checkpoint_and_resumes(tmp_path, phantoms):
     settings = TrainSettings(data=str(phantoms), out=str(tmp_path / "run"), epochs=1, iterations=2, device="cpu",
-                             validation_cases=["phantom_001"], progress=False, bank_probability=1.0)
+                             validation_cases=["phantom_001"], progress=False, bank_probability=1.0, optimizer="adamw", lr=1e-3)
     path = train(settings)
     model, info = load_checkpoint(path)
     assert info.training["cases"] == ["phantom_000"] and info.training["held_out"] == ["phantom_001"], "held-out case not trained on"
@@ -67,6 +67,12 @@ def test_training_writes_a_loadable_checkpoint_and_resumes(tmp_path, phantoms):
     train(settings)
     payload = read_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")
     assert payload["extra"]["epoch"] == 2 and payload["metadata"]["training"]["epochs_done"] == 2, "resumed from epoch 1 to 2"
+
+
+def test_unknown_optimizer_is_refused_before_any_work(tmp_path):
+    with pytest.raises(InputError, match="Unknown optimizer"):
+        train(TrainSettings(data=str(tmp_path / "nothing"), out=str(tmp_path / "run"), optimizer="lion", progress=False))
+    assert not (tmp_path / "run").exists(), "nothing is written for a refused run"
 
 
 def test_two_process_torchrun_training_step(tmp_path, phantoms):

@@ -107,6 +107,7 @@ def save_checkpoint(path: str | os.PathLike, model: FINE, info: ModelInfo, extra
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a model file is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -191,9 +191,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(
         data=args.data, out=args.out, config=args.config, window_tokens=not args.no_window_tokens,
         volume_tokens=not (args.no_volume_tokens or args.no_window_tokens), epochs=args.epochs,
-        iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+        iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed, device=args.device,
         target_spacing=tuple(args.target_spacing), bank_probability=args.bank_probability, label_map=args.label_map,
-        validation_cases=args.hold_out or [], resume=args.resume, progress=not args.quiet,
+        validation_cases=args.hold_out or [], resume=args.resume, progress=not args.quiet, description=args.description,
     )
     path = train(settings)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
     p.add_argument("--batch-size", type=int, default=2, help="crops per iteration and process")
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd: the paper's (momentum 0.99, Nesterov); adamw")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (1e-2 suits sgd, about 1e-3 adamw)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--target-spacing", type=float, nargs=3, default=[3.0, 3.0, 6.0], metavar=("X", "Y", "Z"), help="mm")
@@ -301,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-map", default="identity", help="bcv, identity, or pairs like 6:5,7:6 (file value:organ value)")
     p.add_argument("--hold-out", nargs="*", metavar="CASE", help="case ids kept out of training")
     p.add_argument("--resume", help="continue from a checkpoint_latest.pt")
+    p.add_argument("--description", default="", help="what the model is (stored in the checkpoint)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 

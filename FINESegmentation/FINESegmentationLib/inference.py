@@ -38,7 +38,7 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from .checkpoints import ModelInfo, load_checkpoint, read_registry, resolve_model, sha256_of
+from .checkpoints import ModelInfo, load_checkpoint, read_registry, sha256_of
 from .errors import CancelledError, CheckpointError, DeviceError, InputError
 from .io import IMAGE_WRITE_EXTENSIONS, check_output_path, read_volume, write_probabilities, write_segmentation
 from .labels import ORGAN_BY_NAME
@@ -225,8 +225,10 @@ class Segmenter:
             self.model, self.info = model
             self.model_name, self.model_sha256 = self.info.config.name, None
         else:
+            from .weights import local_checkpoint  # bundled, cached, downloaded or a path
+
             name = str(model) if model is not None else default_model_name()
-            path, sha = resolve_model(name)
+            path, sha = local_checkpoint(name)
             self.model, self.info = load_checkpoint(path, sha)
             self.model_name, self.model_sha256 = name, sha or sha256_of(path)
         self.model = self.model.to(self.device).eval()
