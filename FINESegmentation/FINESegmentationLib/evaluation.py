@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io as _io
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +38,10 @@ def case_metrics(prediction: Volume, reference: Volume) -> dict[str, dict[str, f
         dice = float(compute_dice(pred, gt, include_background=True)[0, 0])
         hd = float("nan")
         if pred.any():
-            hd = float(compute_hausdorff_distance(pred, gt, include_background=True, percentile=95, spacing=spacing)[0, 0])
+            with warnings.catch_warnings():
+                # MONAI 1.6 warns about an argument it passes to itself (get_mask_edges).
+                warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+                hd = float(compute_hausdorff_distance(pred, gt, include_background=True, percentile=95, spacing=spacing)[0, 0])
         out[organ.name] = {"dice": dice, "hd95": hd}
     return out
 
