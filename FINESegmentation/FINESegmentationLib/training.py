@@ -173,6 +173,8 @@ def train(settings: TrainSettings) -> Path:
         extra = payload.get("extra", {})
         start_epoch = int(extra.get("epoch", 0))
     else:
+        # The files are read twice (statistics here, preparation below): the statistics must be known
+        # before any case is normalised, and keeping every raw volume in memory would cost gigabytes.
         clip, mean, std = intensity_statistics(cases, mapping, seed=settings.seed)
         pre = Preprocessing(target_spacing=tuple(settings.target_spacing), clip=clip, mean=mean, std=std)
         info = ModelInfo(config=get_config(settings.config), preprocessing=pre, description=settings.description)
