@@ -431,7 +431,9 @@ def summarise(runs: list[dict], args) -> dict:
         "other_cores_max": max(others) if others else None,
         "other_cores_mean": sum(others) / len(others) if others else None,
     }
-    contention["observed"] = bool(refs) and (max(refs) / min(refs) > 1.2 or max(others) > CONTENTION_CORES)
+    # Other processes' CPU time is the direct evidence; the reference workload alone varies by
+    # about 25% between fresh processes on a quiet machine, so only a larger spread counts.
+    contention["observed"] = bool(refs) and (max(refs) / min(refs) > 1.5 or max(others) > CONTENTION_CORES)
     return {"slopes": slopes, "comparisons": comparisons, "targets": targets, "contention": contention}
 
 
