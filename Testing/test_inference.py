@@ -155,3 +155,21 @@ def test_progress_reports_both_passes(tiny_checkpoint):
     seen = []
     Segmenter(str(tiny_checkpoint), device="cpu", fast=True).segment(make_ct(), progress=seen.append)
     assert {p.pass_index for p in seen} == {1, 2} and seen[-1].crop == seen[-1].crops, "progress covers pass 1/2 and 2/2 to the last crop"
+
+
+def test_out_of_gpu_memory_falls_back_step_by_step_and_says_so(tiny_checkpoint, monkeypatch):
+    seg = Segmenter(str(tiny_checkpoint), device="cpu", bank="stateless", fast=True, sw_batch_size=2)
+    real = seg._sliding_windows
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(seg.sw_batch_size)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(seg, "_sliding_windows", flaky)
+    result = seg.segment(make_ct())
+    assert calls == [2, 1], "the retry runs with half the crops per batch"
+    assert result.report["fallbacks"] and "1 crop(s) per batch" in result.report["fallbacks"][0], "the user is told what changed"
+    assert result.report["sw_batch_size"] == 1
