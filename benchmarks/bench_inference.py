@@ -109,6 +109,54 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def paired_token_overhead(job: dict, sync) -> dict:
+    """Forward time of the network with and without memory tokens, alternating in one process on
+    the same crop. Separate fresh processes differ by 10-25% in speed on this kind of machine, as
+    much as the overhead itself; pairing the forwards in one process removes that spread."""
+    import statistics
+
+    import torch
+
+    from FINESegmentationLib.inference import peak_rss_mb
+    from FINESegmentationLib.model import build_model
+
+    device = torch.device(job["device"])
+    models = {
+        "tokens": build_model(job["config"]).eval().to(device),
+        "no_tokens": build_model(job["config"], window_tokens=False, volume_tokens=False).eval().to(device),
+    }
+    batch = 4 if device.type == "cuda" else 1  # the Segmenter's crops per batch
+    x = torch.randn(batch, 1, *models["tokens"].config.crop_size, device=device)
+    positions = torch.zeros(batch, 3, device=device)
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
+    times: dict[str, list[float]] = {name: [] for name in models}
+    warmup = 3
+    busy0, own0, t_start = _cpu_busy_s(), _own_cpu_s(), time.perf_counter()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for i in range(warmup + job["pairs"]):
+            order = list(models.items()) if i % 2 == 0 else list(models.items())[::-1]
+            for name, model in order:
+                sync()
+                t0 = time.perf_counter()
+                model(x, positions)
+                sync()
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+    wall = time.perf_counter() - t_start
+    busy1, own1 = _cpu_busy_s(), _own_cpu_s()
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "params": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
+        "forward_s_median": median,
+        "forward_s": times,
+        "token_overhead_network": median["tokens"] / median["no_tokens"] - 1,
+        "own_cores": (own1 - own0) / wall,
+        "other_cores": max(0.0, (busy1 - busy0) - (own1 - own0)) / wall,
+        "peak_rss_mb": peak_rss_mb(),
+        "total_s": wall,
+    }
+
+
 def worker(job: dict) -> dict:
     """Run one configuration on one volume size; return its numbers."""
     sys.path.insert(0, str(ROOT / "FINESegmentation"))
@@ -142,6 +190,9 @@ def worker(job: dict) -> dict:
             clock["calls"] += 1
             return out
         return call
+
+    if job["kind"] == "token-pair":
+        return {**job, **paired_token_overhead(job, sync), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
     tokens = job["kind"] != "fine-notokens"
     model = build_model(job["config"], window_tokens=tokens, volume_tokens=tokens)
@@ -300,7 +351,7 @@ def jobs_for(args) -> list[dict]:
     ]
     swin_sizes = set(args.sizes) if args.quick or args.swin_sizes is None else set(args.swin_sizes)
     # Sizes in the outer loop: runs that are compared with each other run close together in time.
-    jobs = []
+    jobs = [{"kind": "token-pair", "size_xyz": None, "pairs": 10 if args.quick else 40, **common}]
     for size in args.sizes:
         jobs += [{"kind": kind, "size_xyz": list(size), **common, **extra} for kind, extra in kinds]
         if size in swin_sizes:
@@ -338,6 +389,8 @@ def run_job(job: dict) -> dict:
 def label(run: dict) -> str:
     if run["kind"] == "swinunetr":
         return "SwinUNETR"
+    if run["kind"] == "token-pair":
+        return f"{run['config']} with / without tokens, paired forwards"
     name = run["config"] + (" (no tokens)" if run["kind"] == "fine-notokens" else "")
     return f"{name}, {run['bank']}" + (", --fast" if run.get("fast") else "")
 
@@ -408,7 +461,15 @@ def summarise(runs: list[dict], args) -> dict:
         targets.append({"target": f"CPU: --fast on 512x512x256 within {CPU_TIME_S:g} s and {CPU_PEAK_MB / 1024:g} GB",
                         "measured": "not measured: 512x512x256 not in --sizes", "met": None})
     tok = next((c for c in reversed(comparisons) if "token_overhead_network" in c), None)
-    if tok:
+    pair = next((r for r in runs if r["kind"] == "token-pair" and "error" not in r), None)
+    if pair:
+        measured = f"{pair['token_overhead_network']:+.1%} (paired forwards, median)"
+        if tok:
+            measured += (f"; separate whole-volume runs at {size_name(tok['size_xyz'])}: network {tok['token_overhead_network']:+.1%}, "
+                         f"end to end {tok['token_overhead_total']:+.1%}")
+        targets.append({"target": f"token overhead <= {TOKEN_OVERHEAD:.0%} (network time, {pair['config']})",
+                        "measured": measured + contended(pair), "met": pair["token_overhead_network"] <= TOKEN_OVERHEAD})
+    elif tok:
         targets.append({"target": f"token overhead <= {TOKEN_OVERHEAD:.0%} (network time, stateless, {size_name(tok['size_xyz'])})",
                         "measured": f"{tok['token_overhead_network']:+.1%} (end to end {tok['token_overhead_total']:+.1%})"
                         + contended(find(runs, tok["size_xyz"], "fine", "stateless", False), find(runs, tok["size_xyz"], "fine-notokens")),
@@ -423,7 +484,7 @@ def summarise(runs: list[dict], args) -> dict:
         targets.append({"target": gpu_target, "measured": f"{fast_big['total_s']:.2f} s, {gb:.0f} MB GPU ({fast_big.get('precision')})",
                         "met": fast_big["total_s"] <= GPU_TIME_S and gb <= GPU_PEAK_MB})
     ok = [r for r in runs if "error" not in r]
-    refs = [r["reference_forward_s"] for r in ok]
+    refs = [r["reference_forward_s"] for r in ok if "reference_forward_s" in r]
     others = [r["other_cores"] for r in ok]
     contention = {
         "reference_forward_s_min": min(refs) if refs else None,
@@ -431,9 +492,9 @@ def summarise(runs: list[dict], args) -> dict:
         "other_cores_max": max(others) if others else None,
         "other_cores_mean": sum(others) / len(others) if others else None,
     }
-    # Other processes' CPU time is the direct evidence; the reference workload alone varies by
-    # about 25% between fresh processes on a quiet machine, so only a larger spread counts.
-    contention["observed"] = bool(refs) and (max(refs) / min(refs) > 1.5 or max(others) > CONTENTION_CORES)
+    # Other processes' CPU time is the evidence. The reference workload is shown but not used:
+    # on a quiet machine it already varies by up to 50% between fresh processes.
+    contention["observed"] = bool(others) and max(others) > CONTENTION_CORES
     return {"slopes": slopes, "comparisons": comparisons, "targets": targets, "contention": contention}
 
 
@@ -501,7 +562,7 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in runs:
-        if r["kind"] == "fine" and r.get("fast"):
+        if (r["kind"] == "fine" and r.get("fast")) or r["kind"] == "token-pair":
             continue
         name = size_name(r["size_xyz"])
         if "error" in r:
@@ -525,6 +586,13 @@ def markdown(result: dict) -> str:
     for c in s["comparisons"]:
         lines.append(f"| {size_name(c['size_xyz'])} | {pair(c, 'token_overhead', True)} | {pair(c, 'accumulate_over_stateless', False)} "
                      f"| {pair(c, 'swinunetr_over_fine', False)} |")
+    for r in runs:
+        if r["kind"] == "token-pair" and "error" not in r:
+            med = r["forward_s_median"]
+            lines += ["", f"Token overhead measured in one process, {r['pairs']} alternating forwards of the same crop each "
+                      f"(median): {r['config']} with tokens {1000 * med['tokens']:.1f} ms, without {1000 * med['no_tokens']:.1f} ms: "
+                      f"**{r['token_overhead_network']:+.1%}**. Separate processes differ in speed by as much as the overhead, "
+                      "so this paired number is the one the target is judged on."]
     lines += [
         "",
         "SwinUNETR is MONAI's (`feature_size=12`, 9 classes), run through the same preprocessing, "
@@ -544,7 +612,8 @@ def markdown(result: dict) -> str:
     if c["reference_forward_s_min"] is not None:
         lines.append(
             f"Every process first timed the same fixed workload (one fine-tiny forward, median of 5): "
-            f"{1000 * c['reference_forward_s_min']:.0f} to {1000 * c['reference_forward_s_max']:.0f} ms across processes. "
+            f"{1000 * c['reference_forward_s_min']:.0f} to {1000 * c['reference_forward_s_max']:.0f} ms across processes "
+            "(fresh processes differ in speed even on a quiet machine). "
             f"Other processes on the machine used on average {c['other_cores_mean']:.2f} cores "
             f"(at most {c['other_cores_max']:.2f}) during the timed runs. "
             + ("**Contention observed: timings may be inflated.**" if c["observed"] else "No significant contention observed.")
@@ -556,7 +625,7 @@ def markdown(result: dict) -> str:
         busy = [r for r in runs if "error" not in r and r["other_cores"] > CONTENTION_CORES]
         if busy:
             lines += ["", f"Timed runs during which other processes used more than {CONTENTION_CORES:g} cores: " + "; ".join(
-                f"{size_name(r['size_xyz'])} {label(r)} ({r['other_cores']:.2f} cores, own {r['own_cores']:.2f})" for r in busy) + "."]
+                f"{size_name(r['size_xyz']) + ' ' if r['size_xyz'] else ''}{label(r)} ({r['other_cores']:.2f} cores, own {r['own_cores']:.2f})" for r in busy) + "."]
     failed = [r for r in runs if "error" in r]
     if failed:
         lines += ["", f"**{len(failed)} run(s) failed**; see `inference.json`."]
@@ -603,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = jobs_for(args)
     wait_left = 0.0 if args.quick else args.max_wait
     for i, job in enumerate(jobs, 1):
-        print(f"[{i}/{len(jobs)}] {size_name(job['size_xyz'])}: {label({**job, 'bank': job.get('bank')})} ...", end=" ", file=sys.stderr, flush=True)
+        print(f"[{i}/{len(jobs)}] {size_name(job['size_xyz']) + ': ' if job['size_xyz'] else ''}{label({**job, 'bank': job.get('bank')})} ...", end=" ", file=sys.stderr, flush=True)
         others, waited = wait_for_quiet(wait_left) if wait_left > 0 else (None, 0.0)
         wait_left -= waited
         run = {**run_job(job), "other_cores_before": others, "waited_s": waited}
