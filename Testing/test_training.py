@@ -69,6 +69,21 @@ def test_training_writes_a_loadable_checkpoint_and_resumes(tmp_path, phantoms):
     assert payload["extra"]["epoch"] == 2 and payload["metadata"]["training"]["epochs_done"] == 2, "resumed from epoch 1 to 2"
 
 
+def test_init_fine_tunes_from_a_model_with_its_normalisation_and_a_new_schedule(tmp_path, phantoms):
+    first = train(TrainSettings(data=str(phantoms), out=str(tmp_path / "a"), epochs=1, iterations=2, device="cpu",
+                                progress=False, optimizer="adamw", lr=1e-3))
+    _, base = load_checkpoint(first)
+    tuned = train(TrainSettings(data=str(phantoms), out=str(tmp_path / "b"), epochs=1, iterations=2, device="cpu", progress=False,
+                                optimizer="adamw", lr=1e-4, init=str(first), target_spacing=(9.0, 9.0, 9.0), config="fine-small"))
+    model, info = load_checkpoint(tuned)
+    assert info.preprocessing == base.preprocessing and info.config == base.config, "the model's normalisation and config are kept"
+    assert info.training["initialised_from"] == "model.pt" and info.training["initial_training"]["epochs_done"] == 1, "provenance"
+    assert read_checkpoint(tmp_path / "b" / "checkpoint_latest.pt")["extra"]["epoch"] == 1, "a fresh schedule, not a resumed one"
+    with pytest.raises(InputError, match="not both"):
+        train(TrainSettings(data=str(phantoms), out=str(tmp_path / "c"), init=str(first), resume=str(first), progress=False))
+    assert not (tmp_path / "c").exists(), "nothing is written for a refused run"
+
+
 def test_unknown_optimizer_is_refused_before_any_work(tmp_path):
     with pytest.raises(InputError, match="Unknown optimizer"):
         train(TrainSettings(data=str(tmp_path / "nothing"), out=str(tmp_path / "run"), optimizer="lion", progress=False))

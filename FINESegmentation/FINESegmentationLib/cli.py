@@ -193,7 +193,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         volume_tokens=not (args.no_volume_tokens or args.no_window_tokens), epochs=args.epochs,
         iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed, device=args.device,
         target_spacing=tuple(args.target_spacing), bank_probability=args.bank_probability, label_map=args.label_map,
-        validation_cases=args.hold_out or [], resume=args.resume, progress=not args.quiet, description=args.description,
+        validation_cases=args.hold_out or [], resume=args.resume, init=args.init, progress=not args.quiet, description=args.description,
     )
     path = train(settings)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
@@ -302,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-map", default="identity", help="bcv, identity, or pairs like 6:5,7:6 (file value:organ value)")
     p.add_argument("--hold-out", nargs="*", metavar="CASE", help="case ids kept out of training")
     p.add_argument("--resume", help="continue from a checkpoint_latest.pt")
+    p.add_argument("--init", metavar="MODEL", help="fine-tune: start from a registered model or checkpoint (its weights, "
+                   "configuration and normalisation) with a fresh learning-rate schedule")
     p.add_argument("--description", default="", help="what the model is (stored in the checkpoint)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)

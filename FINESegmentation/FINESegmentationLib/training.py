@@ -34,7 +34,7 @@ import torch.distributed as dist
 from monai.losses import DiceCELoss
 from monai.transforms import Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd
 
-from .checkpoints import ModelInfo, Preprocessing, read_checkpoint, save_checkpoint
+from .checkpoints import ModelInfo, Preprocessing, read_checkpoint, resolve_model, save_checkpoint
 from .data.datasets import PreparedCase, find_cases, largest_in_plane_size, load_prepared, parse_label_map
 from .errors import InputError
 from .inference import resolve_device
@@ -66,6 +66,7 @@ class TrainSettings:
     label_map: str = "identity"
     validation_cases: list[str] = field(default_factory=list)  # case ids kept out of training
     resume: str | None = None
+    init: str | None = None  # start from this model's weights, config and normalisation, with a fresh schedule
     progress: bool = True
     description: str = ""  # stored in the checkpoint: what the model is, what it is for
 
@@ -148,6 +149,8 @@ def train(settings: TrainSettings) -> Path:
     """Train a FINE model; returns the path of the final checkpoint (``<out>/model.pt``)."""
     if settings.optimizer not in ("sgd", "adamw"):
         raise InputError(f"Unknown optimizer '{settings.optimizer}'; use sgd or adamw.")
+    if settings.resume and settings.init:
+        raise InputError("Give either --resume (continue a run) or --init (start a new run from a model's weights), not both.")
     rank, world, local_rank = _distributed()
     device = resolve_device(settings.device)
     if device.type == "cuda" and world > 1:
@@ -167,7 +170,14 @@ def train(settings: TrainSettings) -> Path:
 
     start_epoch = 0
     extra: dict[str, Any] = {}
-    if settings.resume:
+    init_weights = None
+    if settings.init:
+        # Fine-tuning keeps the model's normalisation: its weights only make sense on inputs scaled the same way.
+        payload = read_checkpoint(*resolve_model(settings.init))
+        info = ModelInfo.from_dict(payload["metadata"])
+        info.description = settings.description or info.description
+        init_weights = payload["state_dict"]
+    elif settings.resume:
         payload = read_checkpoint(settings.resume)
         info = ModelInfo.from_dict(payload["metadata"])
         extra = payload.get("extra", {})
@@ -179,7 +189,7 @@ def train(settings: TrainSettings) -> Path:
         pre = Preprocessing(target_spacing=tuple(settings.target_spacing), clip=clip, mean=mean, std=std)
         info = ModelInfo(config=get_config(settings.config), preprocessing=pre, description=settings.description)
     prepared = load_prepared(cases, info.preprocessing, mapping, progress=settings.progress and rank == 0)
-    if not settings.resume:
+    if not (settings.resume or settings.init):
         cfg = get_config(settings.config, window_tokens=settings.window_tokens, volume_tokens=settings.volume_tokens,
                          max_volume_size=largest_in_plane_size(prepared))
         info.config = cfg
@@ -188,6 +198,8 @@ def train(settings: TrainSettings) -> Path:
     model = FINE(cfg).to(device)
     if settings.resume:
         model.load_state_dict(payload["state_dict"])
+    elif init_weights is not None:
+        model.load_state_dict(init_weights)
     visits_at_sync = model.trained_visits.clone()
     net: torch.nn.Module = model
     if world > 1:
@@ -215,7 +227,9 @@ def train(settings: TrainSettings) -> Path:
         "data": str(Path(settings.data).resolve().name),
         "cases": [c.case_id for c in cases],
         "held_out": sorted(held_out),
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items() if k not in ("data", "out", "resume", "progress", "description")},
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items() if k not in ("data", "out", "resume", "init", "progress", "description")},
+        **({"initialised_from": Path(settings.init).name,
+            "initial_training": payload["metadata"].get("training", {})} if settings.init else {}),
         "processes": world,
     }
     log_path = out / "training_log.csv"
