@@ -16,10 +16,16 @@ from typing import Annotated, Optional
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import (
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLModelNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+)
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -29,7 +35,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from FINESegmentationLib.errors import CancelledError, FINEError
-from FINESegmentationLib.mrml import FINESegmentationLogicCore
+from FINESegmentationLib.mrml import AttentionNodes, FINESegmentationLogicCore, fiducial_point
 from FINESegmentationLib.worker import FAILED, FINISHED, PROGRESS
 
 # Installed by the PyTorch extension's PyTorchUtils (it picks the build that fits the GPU driver).
@@ -38,6 +44,8 @@ TORCH_REQUIREMENT = ">=2.4"
 # them from PyPI would break Slicer's own modules.
 SLICER_SHIPPED_PACKAGES = ("simpleitk", "scipy", "numpy")
 IMPORTED_CHECKPOINTS_SETTING = "FINESegmentation/ImportedCheckpoints"
+# The stages of every shipped FINE config (4 encoder stages, 3 decoder stages).
+ATTENTION_STAGES = ["encoder0", "encoder1", "encoder2", "encoder3", "decoder0", "decoder1", "decoder2"]
 
 
 def resourcesDir() -> str:
@@ -98,6 +106,8 @@ class FINESegmentationParameterNode:
     model: a registered model name or a checkpoint path ("" means the first registered model).
     device: "auto" (best available), "cpu", "cuda:N" or "mps".
     outputSegmentation: None creates a new segmentation; a chosen one has its organ segments replaced.
+    attention*: the Attention section: the point list (its last point is used), stage, block, overlay
+    opacity, and the nodes that show the last map (reused when the map is shown again).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -107,6 +117,13 @@ class FINESegmentationParameterNode:
     quality: Annotated[str, Choice(["full", "fast"])] = "full"
     bank: Annotated[str, Choice(["accumulate", "stateless"])] = "accumulate"
     tta: bool = False
+    attentionPoint: vtkMRMLMarkupsFiducialNode
+    attentionStage: Annotated[str, Choice(ATTENTION_STAGES)] = "encoder0"
+    attentionBlock: Annotated[int, WithinRange(0, 7)] = 0
+    attentionOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+    attentionMap: vtkMRMLScalarVolumeNode
+    attentionCrop: vtkMRMLMarkupsROINode
+    attentionGrid: vtkMRMLModelNode
 
 
 #
@@ -133,6 +150,9 @@ class FINESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobNodes = None  # (input volume, chosen output or None) of the running job
         self._jobStarted = 0.0
         self._pollTimer = None
+        self._attentionJob = None
+        self._attentionVolume = None
+        self._attentionTimer = None
 
     def resourcePath(self, filename):
         return os.path.join(resourcesDir(), filename)
@@ -162,11 +182,21 @@ class FINESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadCheckpointButton.clicked.connect(self.onLoadCheckpoint)
         self.ui.segmentButton.clicked.connect(self.onSegmentButton)
 
+        self._attentionTimer = qt.QTimer()
+        self._attentionTimer.setInterval(100)
+        self._attentionTimer.timeout.connect(self._pollAttentionJob)
+        self.ui.attentionPointSelector.currentNodeChanged.connect(self.ui.attentionPlaceWidget.setCurrentNode)
+        self.ui.attentionPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
+        self.ui.showAttentionButton.clicked.connect(self.onShowAttentionButton)
+        self.ui.saveAttentionButton.clicked.connect(self.onSaveAttention)
+        self.ui.attentionOpacitySlider.valueChanged.connect(self.onAttentionOpacity)
+
         self.initializeParameterNode()
         self.refreshChoices()
 
     def cleanup(self) -> None:
         self._pollTimer.stop()
+        self._attentionTimer.stop()
         self.removeObservers()
         self.logic.shutdown()
 
@@ -184,6 +214,8 @@ class FINESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # The nodes the running job would write to are about to disappear.
         if self._job is not None:
             self._job.cancel()
+        if self._attentionJob is not None:
+            self._attentionJob.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -216,6 +248,14 @@ class FINESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ready = self._parameterNode.inputVolume is not None
             self.ui.segmentButton.enabled = ready
             self.ui.segmentButton.toolTip = _("Segment the input volume.") if ready else _("Select a CT volume first.")
+        if self._attentionJob is None:
+            ready = self._parameterNode.inputVolume is not None and self._parameterNode.attentionPoint is not None
+            self.ui.showAttentionButton.enabled = ready
+            self.ui.showAttentionButton.toolTip = (
+                _("Compute the map from the point and show it (heat map, crop box, token grid).") if ready
+                else _("Select a CT volume and a point list with a point in it.")
+            )
+        self.ui.saveAttentionButton.enabled = self._parameterNode.attentionMap is not None
 
     # ------------------------------------------------------------------ model and device lists
 
@@ -423,6 +463,106 @@ class FINESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _setStatus(self, text: str) -> None:
         self.ui.statusLabel.text = text
 
+    # ------------------------------------------------------------------ attention maps
+
+    def onShowAttentionButton(self) -> None:
+        if self._attentionJob is not None:
+            self._attentionJob.cancel()
+            self.ui.showAttentionButton.enabled = False
+            self._setAttentionStatus(_("Cancelling after the current crop..."))
+            return
+        if not self._ensureRequirements():
+            return
+        p = self._parameterNode
+        try:
+            volume = self.logic.volumeFromNode(p.inputVolume)
+            point = fiducial_point(p.attentionPoint)
+        except FINEError as error:
+            self._setAttentionStatus(str(error))
+            return
+        self._attentionVolume = p.inputVolume
+        self._attentionJob = self.logic.startAttentionMap(
+            volume, point, stage=p.attentionStage, block=p.attentionBlock, model=p.model or None, device=p.device,
+            bank=p.bank, fast=p.quality == "fast",
+        )
+        self.ui.showAttentionButton.text = _("Cancel")
+        self._setAttentionStatus(_("Starting..."))
+        self._attentionTimer.start()
+
+    def _pollAttentionJob(self) -> None:
+        if self._attentionJob is None:
+            self._attentionTimer.stop()
+            return
+        for event in self._attentionJob.poll():
+            if event.kind == PROGRESS:
+                self._setAttentionStatus(str(event.value))
+            elif event.kind == FINISHED:
+                self._showAttention(event.value)
+            elif event.kind == FAILED:
+                self._endAttentionJob()
+                error = event.value
+                if isinstance(error, CancelledError):
+                    self._setAttentionStatus(_("Cancelled; nothing was changed."))
+                elif isinstance(error, FINEError):
+                    self._setAttentionStatus(str(error))
+                else:
+                    logging.error("FINESegmentation attention map failed.", exc_info=(type(error), error, error.__traceback__))
+                    self._setAttentionStatus(_("The attention map failed ({error}); see the Python console.").format(error=error))
+
+    def _showAttention(self, amap) -> None:
+        volumeNode = self._attentionVolume
+        self._endAttentionJob()
+        if not slicer.mrmlScene.IsNodePresent(volumeNode):
+            self._setAttentionStatus(_("The input volume was removed meanwhile; nothing was shown."))
+            return
+        p = self._parameterNode
+        try:
+            nodes = self.logic.showAttentionMap(amap, volumeNode, AttentionNodes(p.attentionMap, p.attentionCrop, p.attentionGrid),
+                                                p.attentionOpacity)
+        except FINEError as error:
+            self._setAttentionStatus(str(error))
+            return
+        p.attentionMap, p.attentionCrop, p.attentionGrid = nodes.heat, nodes.crop, nodes.grid
+        slicer.util.setSliceViewerLayers(background=volumeNode, foreground=nodes.heat, foregroundOpacity=p.attentionOpacity)
+        s = amap.shares
+        self._setAttentionStatus(
+            _("{stage} block {block}, {bank} bank: local {local:.1f}%, crop {crop:.1f}%, volume tokens {volume:.1f}%; "
+              "{outside:.1f}% of the attention lies outside the crop (box).").format(
+                stage=amap.stage, block=amap.block, bank=amap.bank, local=100 * s["local"], crop=100 * s["crop"],
+                volume=100 * s["volume"], outside=100 * s["outside_crop"])
+        )
+
+    def _endAttentionJob(self) -> None:
+        self._attentionTimer.stop()
+        self._attentionJob = None
+        self._attentionVolume = None
+        self.ui.showAttentionButton.text = _("Show")
+        self.updateGUIFromParameterNode()
+
+    def onAttentionOpacity(self, value) -> None:
+        if self._parameterNode and self._parameterNode.attentionMap is not None:
+            self.logic.setAttentionOpacity(self._parameterNode.attentionMap, value)
+
+    def onSaveAttention(self) -> None:
+        node = self._parameterNode.attentionMap if self._parameterNode else None
+        if node is None:
+            return
+        path = qt.QFileDialog.getSaveFileName(
+            self.parent, _("Save the attention map"), f"{node.GetName()}.nii.gz",
+            _("NIfTI (*.nii.gz *.nii);;NRRD (*.nrrd);;MetaImage (*.mha)"),
+        )
+        if not path:
+            return
+        try:
+            written = self.logic.saveAttentionMap(node, path)
+        except FINEError as error:
+            self._setAttentionStatus(str(error))
+            return
+        self._setAttentionStatus(_("Saved {path}.").format(path=written))
+
+    def _setAttentionStatus(self, text: str) -> None:
+        self.ui.attentionStatusLabel.text = text
+
 
 #
 # FINESegmentationLogic
@@ -580,6 +720,34 @@ class FINESegmentationLogic(ScriptedLoadableModuleLogic):
     def importResult(self, output, volumeNode, segmentationNode=None):
         return self.core.importResult(output, volumeNode, segmentationNode)
 
+    # ------------------------------------------------------------------ attention maps (delegated to the engine)
+
+    def attentionMap(self, volumeNode, point, stage="encoder0", block=0, model=None, device="auto", bank="accumulate",
+                     fast=False, nodes=None, opacity=0.6, progress=None, cancel: Optional[threading.Event] = None):
+        """Compute and show where FINE looked from ``point`` (RAS mm, or a point list: its last point).
+
+        Returns ``(AttentionMap, AttentionNodes)``: the map (arrays, shares, crop box) and the heat-map
+        volume, crop ROI and token-grid model nodes. Pass ``nodes`` to update earlier ones.
+        """
+        self._requireRequirements()
+        return self.core.attentionMap(volumeNode, point, stage=stage, block=block, model=model, device=device, bank=bank,
+                                      fast=fast, nodes=nodes, opacity=opacity, progress=progress, cancel=cancel)
+
+    def startAttentionMap(self, volume, point, **options):
+        self._requireRequirements()
+        return self.core.startAttentionMap(volume, point, **options)
+
+    def showAttentionMap(self, amap, volumeNode, nodes=None, opacity=0.6):
+        return self.core.showAttentionMap(amap, volumeNode, nodes, opacity)
+
+    def setAttentionOpacity(self, heatNode, opacity) -> None:
+        from FINESegmentationLib.mrml import set_attention_layer
+
+        set_attention_layer(heatNode.GetScene(), heatNode, opacity)
+
+    def saveAttentionMap(self, heatNode, path):
+        return self.core.saveAttentionMap(heatNode, path)
+
     def modelChoices(self):
         self._requireRequirements()
         return self.core.modelChoices()
@@ -620,6 +788,8 @@ class FINESegmentationTest(ScriptedLoadableModuleTest):
         self.test_PhantomDiceWithTheRegisteredModel()
         self.setUp()
         self.test_WidgetSegmentsAndCancels()
+        self.setUp()
+        self.test_AttentionOverlay()
 
     def _phantomNode(self):
         from FINESegmentationLib.data.phantoms import PhantomGenerator
@@ -679,3 +849,16 @@ class FINESegmentationTest(ScriptedLoadableModuleTest):
         self.assertEqual(len(segmentations), 1, "one new segmentation node")
         self.assertEqual(segmentations[0].GetSegmentation().GetNumberOfSegments(), 8)
         self.delayDisplay("Widget test passed")
+
+    def test_AttentionOverlay(self):
+        logic = FINESegmentationLogic()
+        volumeNode, _case = self._phantomNode()
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "attention point")
+        bounds = [0.0] * 6
+        volumeNode.GetRASBounds(bounds)
+        points.AddControlPoint([(bounds[2 * i] + bounds[2 * i + 1]) / 2 for i in range(3)])
+        amap, nodes = logic.attentionMap(volumeNode, points, stage="encoder3", block=1)
+        self.assertAlmostEqual(float(slicer.util.arrayFromVolume(nodes.heat).max()), 1.0, places=4)
+        composite = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
+        self.assertEqual(composite.GetForegroundVolumeID(), nodes.heat.GetID(), "the map is the foreground layer")
+        self.delayDisplay(f"Attention: {100 * amap.shares['outside_crop']:.0f}% outside the crop")

@@ -108,6 +108,10 @@ def test_every_bound_widget_maps_to_a_parameter_with_a_fitting_type():
             assert "Choice(" in annotation, f"{widget} is a combo box, so {name} needs a Choice annotation"
         elif cls == "QCheckBox":
             assert annotation == "bool", f"{widget} is a check box, so {name} must be a bool"
+        elif cls == "QSpinBox":
+            assert annotation.startswith(("int", "Annotated[int")), f"{widget} is a spin box, so {name} must be an int"
+        elif cls == "ctkSliderWidget":
+            assert annotation.startswith(("float", "Annotated[float")), f"{widget} is a slider, so {name} must be a float"
         else:
             pytest.fail(f"{widget} ({cls}) has no parameter node connector here")
     assert {"inputVolume", "outputSegmentation", "quality", "bank", "tta"} <= set(bound), "settings live in the scene"
@@ -120,6 +124,10 @@ def test_the_ui_offers_what_the_issue_asks_for():
         "deviceComboBox": "QComboBox", "qualityComboBox": "QComboBox", "bankComboBox": "QComboBox", "ttaCheckBox": "QCheckBox",
         "outputSegmentationSelector": "qMRMLNodeComboBox", "segmentButton": "QPushButton", "progressBar": "QProgressBar",
         "statusLabel": "QLabel", "show3DButton": "qMRMLSegmentationShow3DButton",
+        # the Attention section
+        "attentionPointSelector": "qMRMLNodeComboBox", "attentionPlaceWidget": "qSlicerMarkupsPlaceWidget",
+        "attentionStageComboBox": "QComboBox", "attentionBlockSpinBox": "QSpinBox", "attentionOpacitySlider": "ctkSliderWidget",
+        "showAttentionButton": "QPushButton", "saveAttentionButton": "QPushButton", "attentionStatusLabel": "QLabel",
     }
     assert {name: widgets.get(name) for name in expected} == expected
 

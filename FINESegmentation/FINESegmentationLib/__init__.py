@@ -13,6 +13,10 @@ def __getattr__(name: str):
         from . import inference
 
         return getattr(inference, name)
+    if name in ("AttentionMapper", "AttentionMap"):
+        from . import attention
+
+        return getattr(attention, name)
     if name in ("read_volume", "read_segmentation", "write_segmentation", "write_volume"):
         from . import io
 

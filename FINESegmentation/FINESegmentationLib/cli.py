@@ -177,6 +177,50 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_attention(args: argparse.Namespace) -> int:
+    import json
+
+    from .attention import LEVELS, AttentionMapper, parse_point, write_figure
+    from .io import IMAGE_WRITE_EXTENSIONS, case_name, check_output_path, read_volume, write_text_atomically, write_volume
+
+    point = parse_point(args.point)
+    check_output_path(args.output, IMAGE_WRITE_EXTENSIONS)
+    if args.png:
+        check_output_path(args.png, (".png", ".pdf", ".svg"))
+    if args.report:
+        check_output_path(args.report, (".json",))
+    volume = read_volume(args.input, kind="image")
+    mapper = AttentionMapper(args.model, device=args.device, bank=args.bank, fast=args.fast)
+    bar = _ProgressBar(case_name(Path(args.input)), not args.quiet)
+    try:
+        amap = mapper.compute(volume, point, ijk=args.ijk, stage=args.stage, block=args.block, progress=bar)
+    finally:
+        bar.close()
+    out = Path(args.output)
+    written = []
+    try:
+        written.append(write_volume(amap.heat, out))
+        if args.levels:
+            for name in LEVELS:
+                written.append(write_volume(amap.levels[name], out.with_name(f"{case_name(out)}_{name}.nii.gz")))
+        if args.png:
+            written.append(write_figure(amap, args.png))
+        if args.report:
+            report = {**amap.report, "input": str(args.input), "point_ras": amap.point_ras, "point_ijk": amap.point_ijk,
+                      "crop_center_ras": amap.crop_center_ras, "crop_size_mm": amap.crop_size_mm,
+                      "cell_weights": amap.cell_weights.round(5).tolist(), "outputs": [str(p) for p in written]}
+            written.append(write_text_atomically(args.report, json.dumps(report, indent=2)))
+    except BaseException:
+        for p in written:  # all or nothing
+            Path(p).unlink(missing_ok=True)
+        raise
+    s = amap.shares
+    print(f"{args.input} -> {out}  ({amap.report['timings_s']['total']:.1f} s, {amap.stage} block {amap.block}, {amap.bank} bank): "
+          f"local {100 * s['local']:.1f}%, crop {100 * s['crop']:.1f}%, volume {100 * s['volume']:.1f}%; "
+          f"{100 * s['outside_crop']:.1f}% outside the point's crop")
+    return 0
+
+
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from .data.phantoms import write_dataset
 
@@ -274,6 +318,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sw-batch-size", type=int, default=None, help="crops per forward pass (default: 4 on CUDA, 1 on CPU)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("attention", help="attention map from one point: where FINE looked, across the whole volume")
+    p.add_argument("input", metavar="INPUT", help="CT file or DICOM series folder")
+    p.add_argument("--point", required=True, metavar="X,Y,Z", help="the point: RAS millimetres (Slicer's coordinates), or indices with --ijk")
+    p.add_argument("--ijk", action="store_true", help="--point gives voxel indices (i, j, k) of the input")
+    p.add_argument("--stage", default="encoder0", help="encoder0..encoder3 or decoder0..decoder2 (default encoder0, the paper's figure)")
+    p.add_argument("--block", type=int, default=0, help="block of the stage (default 0)")
+    p.add_argument("-o", "--output", required=True, metavar="HEAT.nii.gz", help="the heat map (0..1) on the input's grid")
+    p.add_argument("--png", metavar="FIGURE.png", help="also a three-plane figure (PNG, PDF or SVG) like the paper's Fig. 4")
+    p.add_argument("--levels", action="store_true", help="also write the local, crop and volume terms (<name>_local.nii.gz, ...)")
+    p.add_argument("--report", metavar="REPORT.json", help="shares per level, crop box, cell weights, timings")
+    p.add_argument("--model", default=None, help="registered model name or checkpoint path (default: the first registered model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--bank", choices=["accumulate", "stateless"], default="accumulate")
+    p.add_argument("--fast", action="store_true", help="the crops of segment --fast (less overlap)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_attention)
 
     p = sub.add_parser("phantom", help="generate synthetic abdominal CT phantoms with organ labels (nnU-Net / MSD layout)")
     p.add_argument("--out", required=True, help="dataset folder to write (imagesTr/, labelsTr/, dataset.json)")

@@ -221,6 +221,148 @@ def write_segmentation_node(output: SegmentationOutput, volumeNode, segmentation
     return segmentationNode
 
 
+# --------------------------------------------------------------------------- attention maps -> nodes
+
+
+@dataclass
+class AttentionNodes:
+    """The nodes that show one attention map: the heat map, the crop's box, the volume-token grid."""
+
+    heat: Any
+    crop: Any
+    grid: Any
+
+
+def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def _heat_colour_node(scene):
+    """Slicer's PET heat colour map when the Colors logic made it, else the built-in Rainbow table."""
+    for node_id in ("vtkMRMLPETProceduralColorNodePET-Heat", "vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeRainbow"):
+        node = scene.GetNodeByID(node_id)
+        if node is not None:
+            return node
+    return None
+
+
+def _grid_polydata(planes: np.ndarray):
+    points = vtk.vtkPoints()
+    cells = vtk.vtkCellArray()
+    for quad in planes:
+        ids = [points.InsertNextPoint(*map(float, corner)) for corner in quad]
+        cells.InsertNextCell(4)
+        for i in ids:
+            cells.InsertCellPoint(i)
+    polydata = vtk.vtkPolyData()
+    polydata.SetPoints(points)
+    polydata.SetPolys(cells)
+    return polydata
+
+
+def show_attention_map(amap, volumeNode, nodes: AttentionNodes | None = None, opacity: float = 0.6) -> AttentionNodes:
+    """Show an :class:`~FINESegmentationLib.attention.AttentionMap` of ``volumeNode``'s CT.
+
+    The heat map becomes a scalar volume node on the CT's grid (heat colours, window 0..1,
+    values below 0.01 transparent) and the foreground layer of every slice view at
+    ``opacity``; the crop that holds the point becomes a markups ROI; the volume-token
+    cell boundaries become a model whose intersections draw the grid as lines in the
+    slice views. ``nodes`` from an earlier call are updated instead of adding new ones.
+    Everything is placed under the CT's parent transform. On an error the scene is left
+    as it was (nodes made by this call are removed).
+    """
+    ijk_to_ras = _same_grid(amap.heat, volumeNode)
+    scene = volumeNode.GetScene()
+    name = volumeNode.GetName()
+    made = []
+    try:
+        if nodes is None or nodes.heat is None or not scene.IsNodePresent(nodes.heat):
+            heat = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(f"{name} FINE attention"))
+            made.append(heat)
+            heat.CreateDefaultDisplayNodes()
+        else:
+            heat = nodes.heat
+        if nodes is None or nodes.crop is None or not scene.IsNodePresent(nodes.crop):
+            crop = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", scene.GenerateUniqueName(f"{name} FINE attention crop"))
+            made.append(crop)
+            crop.CreateDefaultDisplayNodes()
+        else:
+            crop = nodes.crop
+        if nodes is None or nodes.grid is None or not scene.IsNodePresent(nodes.grid):
+            grid = scene.AddNewNodeByClass("vtkMRMLModelNode", scene.GenerateUniqueName(f"{name} FINE token grid"))
+            made.append(grid)
+            grid.CreateDefaultDisplayNodes()
+        else:
+            grid = nodes.grid
+
+        image = vtk.vtkImageData()
+        z, y, x = amap.heat.shape
+        image.SetDimensions(x, y, z)
+        scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(amap.heat.array, dtype=np.float32).ravel(), deep=True,
+                                             array_type=vtk.VTK_FLOAT)
+        scalars.SetName("attention")
+        image.GetPointData().SetScalars(scalars)
+        heat.SetIJKToRASMatrix(ijk_to_ras)
+        heat.SetAndObserveImageData(image)
+        heat.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        display = heat.GetDisplayNode()
+        colour = _heat_colour_node(scene)
+        if colour is not None:
+            display.SetAndObserveColorNodeID(colour.GetID())
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        display.SetLowerThreshold(0.01)
+        display.SetUpperThreshold(1.0)
+        display.ApplyThresholdOn()
+        heat.SetAttribute("FINESegmentation.AttentionPoint", ",".join(f"{v:.3f}" for v in amap.point_ras))
+        heat.SetAttribute("FINESegmentation.AttentionStage", f"{amap.stage} block {amap.block}, {amap.bank} bank")
+
+        axes = np.eye(4)
+        axes[:3, :3] = amap.crop_axes_ras  # the network grid's axes: the crop is a box along them
+        crop.GetObjectToNodeMatrix().DeepCopy(_numpy_to_matrix(axes))
+        crop.SetCenter(*amap.crop_center_ras)
+        crop.SetSize(*amap.crop_size_mm)
+        crop.SetLocked(True)
+        crop.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        crop.GetDisplayNode().SetHandlesInteractive(False)
+
+        grid.SetAndObservePolyData(_grid_polydata(amap.grid_planes_ras))
+        grid.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        grid_display = grid.GetDisplayNode()
+        grid_display.SetColor(1.0, 0.9, 0.1)
+        grid_display.SetVisibility2D(True)
+        grid_display.SetVisibility3D(False)
+        grid_display.SetSliceIntersectionThickness(1)
+        set_attention_layer(scene, heat, opacity)
+    except BaseException:
+        for node in made:
+            _remove_node(scene, node)
+        raise
+    return AttentionNodes(heat, crop, grid)
+
+
+def set_attention_layer(scene, heatNode, opacity: float) -> None:
+    """Put ``heatNode`` into the foreground layer of every slice view, at ``opacity`` (0..1)."""
+    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    for i in range(composites.GetNumberOfItems()):
+        composite = composites.GetItemAsObject(i)
+        composite.SetForegroundVolumeID(heatNode.GetID() if heatNode is not None else None)
+        composite.SetForegroundOpacity(float(min(1.0, max(0.0, opacity))))
+
+
+def fiducial_point(markupsNode) -> tuple[float, float, float]:
+    """The world (RAS) position of the last control point of a markups point list."""
+    if markupsNode is None or markupsNode.GetNumberOfControlPoints() == 0:
+        raise InputError("Place a point first: the attention map starts from a point in the CT.")
+    position = [0.0, 0.0, 0.0]
+    markupsNode.GetNthControlPointPositionWorld(markupsNode.GetNumberOfControlPoints() - 1, position)
+    return tuple(position)  # type: ignore[return-value]
+
+
 # --------------------------------------------------------------------------- the Logic's work
 
 
@@ -389,6 +531,46 @@ class FINESegmentationLogicCore:
         result = segmenter.segment(volume, progress=progress, cancel=cancel)
         classes = [SegmentClass(int(v), n) for v, n in zip(segmenter.info.label_values, segmenter.info.class_names) if v != 0]
         return SegmentationOutput(result.labels, classes, result.report)
+
+    # ---------------------------------------------------------------- attention maps
+
+    def startAttentionMap(self, volume: Volume, point_ras: Sequence[float], *, stage: str = "encoder0", block: int = 0,
+                          model: str | None = None, device: str = "auto", bank: str = "accumulate", fast: bool = False,
+                          cancel: threading.Event | None = None) -> Job:
+        """Queue an attention map on the worker thread; the job's result is an ``AttentionMap``."""
+        options = _Options(model or None, device or "auto", bank, bool(fast), False)
+        return self.worker.submit(self._attention, volume, tuple(float(v) for v in point_ras), stage, int(block), options, cancel=cancel)
+
+    def showAttentionMap(self, amap, volumeNode, nodes: AttentionNodes | None = None, opacity: float = 0.6) -> AttentionNodes:
+        """Show a finished map in the scene (GUI thread); see :func:`show_attention_map`."""
+        return show_attention_map(amap, volumeNode, nodes, opacity)
+
+    def attentionMap(self, volumeNode, point, *, stage: str = "encoder0", block: int = 0, model: str | None = None,
+                     device: str = "auto", bank: str = "accumulate", fast: bool = False, nodes: AttentionNodes | None = None,
+                     opacity: float = 0.6, progress: Callable[[Any], None] | None = None,
+                     cancel: threading.Event | None = None) -> tuple[Any, AttentionNodes]:
+        """Compute and show the attention map from ``point`` (RAS mm, or a markups point list: its last point).
+
+        Blocks until done; returns ``(AttentionMap, AttentionNodes)``. Errors and cancel leave the scene unchanged.
+        """
+        point_ras = fiducial_point(point) if hasattr(point, "GetNumberOfControlPoints") else tuple(point)
+        volume = volume_from_node(volumeNode)
+        amap = self.startAttentionMap(volume, point_ras, stage=stage, block=block, model=model, device=device, bank=bank,
+                                      fast=fast, cancel=cancel).wait(progress)
+        return amap, self.showAttentionMap(amap, volumeNode, nodes, opacity)
+
+    def saveAttentionMap(self, heatNode, path: str | os.PathLike) -> Path:
+        """Write a shown heat map node to a file (NIfTI, NRRD or MHA) with its geometry, all or nothing."""
+        from .io import write_volume
+
+        return write_volume(volume_from_node(heatNode), path)
+
+    def _attention(self, volume: Volume, point_ras, stage: str, block: int, options: _Options, progress, cancel):
+        from .attention import AttentionMapper
+
+        base = self._segmenter(options, progress, cancel)
+        mapper = AttentionMapper((base.model, base.info), device=str(base.device), bank=options.bank, fast=options.fast)
+        return mapper.compute(volume, point_ras, stage=stage, block=block, progress=progress, cancel=cancel)
 
     def _run_file(self, source: Path, target: Path, options: _Options, progress, cancel) -> dict[str, Any]:
         return self._segmenter(options, progress, cancel).segment_file(source, target, progress=progress, cancel=cancel).report
