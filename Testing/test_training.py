@@ -123,3 +123,15 @@ def test_phantom_command_writes_a_dataset(tmp_path):
     assert main(["phantom", "--out", str(tmp_path / "p"), "--cases", "1", "--in-plane", "64", "-q"]) == 0
     meta = json.loads((tmp_path / "p" / "dataset.json").read_text())
     assert meta["numTraining"] == 1 and (tmp_path / "p" / "labelsTr" / "phantom_000.nii.gz").exists()
+
+
+def test_cli_evaluate_prints_the_table_and_writes_the_csv(tmp_path, phantoms, tiny_checkpoint, capsys):
+    from FINESegmentationLib.cli import main
+
+    csv_path = tmp_path / "metrics.csv"
+    code = main(["evaluate", "--model", str(tiny_checkpoint), "--data", str(phantoms), "--cases", "phantom_000", "--device", "cpu",
+                 "--bank", "stateless", "--fast", "--largest-component", "--name", "tiny", "--csv", str(csv_path), "-q"])
+    out = capsys.readouterr().out
+    assert code == 0 and "| tiny |" in out and "HD95" in out, "a Table-1-shaped row per model"
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("case") and any(r.startswith("phantom_000") for r in rows), "per-case metrics as CSV"

@@ -252,7 +252,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .inference import Segmenter
     from .io import write_text_atomically
 
-    segmenter = Segmenter(model=args.model, device=args.device, bank=args.bank, fast=args.fast)
+    segmenter = Segmenter(model=args.model, device=args.device, bank=args.bank, fast=args.fast,
+                          largest_component=args.largest_component)
     result = evaluate(segmenter, args.data, args.cases, args.label_map, name=args.name, progress=not args.quiet)
     print(markdown_table([result]))
     if result.missed:
@@ -380,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="row name in the table")
     p.add_argument("--csv", help="write per-case and mean metrics as CSV")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--largest-component", action="store_true", help="keep only each organ's largest connected component")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="segment a synthetic phantom with the bundled demo model and score it")
