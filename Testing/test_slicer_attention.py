@@ -7,7 +7,6 @@ import pytest
 from conftest import make_ct
 
 slicer = pytest.importorskip("slicer")
-import vtk  # noqa: E402
 
 from FINESegmentationLib.errors import CancelledError, InputError  # noqa: E402
 from FINESegmentationLib.io import read_volume  # noqa: E402

@@ -210,7 +210,7 @@ class _Recorder:
         win = int(self.layout.window[z, y, xx])
         row = nv + int(self.layout.local[z, y, xx])
         m = None if mask is None else mask[min(win, mask.shape[0] - 1)]
-        a = attention_rows(module_attn(self.block), x[:, win], [row], m)[0, 0].cpu().numpy()  # (Nv + Nu,)
+        a = attention_rows(self.block.attn.attn, x[:, win], [row], m)[0, 0].cpu().numpy()  # (Nv + Nu,)
         self.record.alpha_v = a[:nv]
         in_window = self.layout.window == win
         grid = np.zeros(self.layout.grid, np.float64)
@@ -234,10 +234,6 @@ class _Recorder:
 
     def _volume_attention(self, module, args, output) -> None:
         self.record.gamma = attention_rows(module, args[0][:1], slice(None), args[1][:1])[0].cpu().numpy()
-
-
-def module_attn(block: FINEBlock) -> Attention:
-    return block.attn.attn
 
 
 # ---------------------------------------------------------------------------------------------
