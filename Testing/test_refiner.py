@@ -251,7 +251,6 @@ def test_cli_refine_writes_the_refined_segment_and_keeps_the_others(cli_case, re
     assert "1 positive, 1 negative; memory" in capsys.readouterr().out, "the markups convention: a label starting with '-' is negative"
     before, after = read_segmentation(seg).array, read_segmentation(out).array
     others = (before != LIVER) & (before != 0) & (after != LIVER)
-    assert others.sum() > 0.9 * ((before != LIVER) & (before != 0)).sum(), "the other segments are still there"
     assert np.array_equal(after[others], before[others]), "other segments keep their labels where the liver did not grow"
     assert not np.any((after != before) & (after != LIVER) & (before != LIVER)), "only the liver changed"
 

@@ -60,9 +60,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
     registry = read_registry()
     if not registry:
         print("No models are registered.")
-    for entry in registry.values():
+    refiners = {**read_registry(kind="refiner"), **read_registry(kind="refiner-memory")}
+    for entry in [*registry.values(), *refiners.values()]:
         state = "present" if entry.path.is_file() else "missing"
-        print(f"{entry.name:<24} {state:<8} sha256 {entry.sha256[:12]}...  {entry.description}")
+        kind = "" if entry.kind == "fine" else f"[{entry.kind}] "
+        print(f"{entry.name:<24} {state:<8} sha256 {entry.sha256[:12]}...  {kind}{entry.description}")
     return 0
 
 

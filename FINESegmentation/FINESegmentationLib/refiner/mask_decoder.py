@@ -5,8 +5,8 @@ prompt tokens attend to the image embedding and the image embedding attends back
 (two-way), twice. The embedding is then upsampled to the crop's resolution by
 transposed convolutions; each mask token, through its own small MLP, becomes a
 vector whose dot product with every upsampled voxel gives that mask's logits. A
-cheap full-resolution branch (two 1x1x1 convolutions of the crop's intensities and
-of the previous mask) is added to the upsampled features, so the refiner can keep
+cheap full-resolution branch (two 1x1x1 convolutions of the crop's intensities, the
+previous mask and the two click maps) is added to the upsampled features, so the refiner can keep
 edges finer than its patch grid. Mask 0 answers all the clicks at once (used while
 refining); masks 1..3 are SAM's ambiguity-aware answers to a single click.
 """
@@ -128,14 +128,14 @@ class MaskDecoder3D(nn.Module):
                 layers += [nn.GroupNorm(1, channels[i + 1]), nn.GELU()]
         self.upscaling = nn.Sequential(*layers)
         out = channels[-1]
-        self.full_resolution = nn.Sequential(nn.Conv3d(2, out, 1), nn.GELU(), nn.Conv3d(out, out, 1))
+        self.full_resolution = nn.Sequential(nn.Conv3d(4, out, 1), nn.GELU(), nn.Conv3d(out, out, 1))
         self.hypernetworks = nn.ModuleList(MLP(c, c, out, 3) for _ in range(self.num_mask_tokens))
         self.iou_head = MLP(c, c, self.num_mask_tokens, 3)
 
     def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
                 full_resolution: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding (B, C, G, G, G); image_pe (1, C, G, G, G); sparse (B, N, C); dense (B, C, G, G, G);
-        full_resolution (B, 2, S, S, S): the normalised crop and the previous mask.
+        full_resolution (B, 4, S, S, S): the normalised crop, the previous mask and the positive and negative click maps.
 
         Returns mask logits (B, M, S, S, S) and IoU predictions (B, M), M = 1 + num_multimask_outputs.
         """

@@ -7,6 +7,10 @@ batch). A point token is the random-Fourier encoding of its position plus a lear
 embedding of its label (SAM). The previous mask (FINE's segment at first, then the
 last answer) is downscaled by strided convolutions to the embedding grid and added
 to the image embedding; with no mask a learned "no mask" embedding is added instead.
+The clicks are also drawn as two dense maps (Gaussian blobs at the positive and at the
+negative clicks, as SAM-Med3D-turbo and nnInteractive give them), which enter the
+dense prompt with the mask and the decoder's full-resolution branch: a click then acts
+on the voxels around it directly, not only through the coarse patch grid.
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ class PromptEncoder3D(nn.Module):
         self.no_mask = nn.Embedding(1, c)
         # Halve the resolution until the mask reaches the embedding grid (crop / patch = 2^levels).
         levels = int(math.log2(config.patch_size))
-        channels = [1] + [max(c // 2 ** (levels - i), 4) for i in range(1, levels)] + [c]
+        channels = [3] + [max(c // 2 ** (levels - i), 4) for i in range(1, levels)] + [c]  # mask, positive, negative clicks
         layers: list[nn.Module] = []
         for i in range(levels):
             layers.append(nn.Conv3d(channels[i], channels[i + 1], kernel_size=2, stride=2))
@@ -60,12 +64,31 @@ class PromptEncoder3D(nn.Module):
                 layers += [nn.GroupNorm(1, channels[i + 1]), nn.GELU()]
         self.mask_downscaling = nn.Sequential(*layers)
 
+    def click_maps(self, points: torch.Tensor, labels: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+        """points (B, N, 3) crop voxel (x, y, z), labels (B, N) -> (B, 2, S, S, S): positive and negative click maps.
+
+        Each click is exp(-r^2 / (2 sigma^2)) around it (sigma in crop voxels); overlapping blobs take the maximum.
+        """
+        b, s = points.shape[0], self.crop_size
+        maps = torch.zeros(b, 2, s, s, s, device=points.device)
+        axis = torch.arange(s, dtype=torch.float32, device=points.device)
+        for n in range(points.shape[1]):
+            # Separable: exp(-(dx^2 + dy^2 + dz^2) / 2 sigma^2) = gx * gy * gz.
+            g = torch.exp(-((axis[None, None, :] - points[:, n, :, None].float()) ** 2) / (2 * sigma**2))  # (B, 3, S) for x, y, z
+            blob = g[:, 2, :, None, None] * g[:, 1, None, :, None] * g[:, 0, None, None, :]  # [z, y, x]
+            for channel, value in ((0, 1), (1, 0)):
+                chosen = (labels[:, n] == value).float().reshape(b, 1, 1, 1)
+                maps[:, channel] = torch.maximum(maps[:, channel], blob * chosen)
+        return maps
+
     def dense_pe(self) -> torch.Tensor:
         """(1, C, G, G, G): the position encoding of the image embedding's cells."""
         return self.pe.dense(self.grid_size).unsqueeze(0)
 
-    def forward(self, points: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """points (B, N, 3) crop voxel (x, y, z); labels (B, N) in {1, 0, -1}; masks (B, 1, S, S, S) in [0, 1] or None.
+    def forward(self, points: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None, batch: int,
+                clicks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """points (B, N, 3) crop voxel (x, y, z); labels (B, N) in {1, 0, -1}; masks (B, 1, S, S, S) in [0, 1] or None;
+        clicks (B, 2, S, S, S), the :meth:`click_maps` of the points (computed here when not given).
 
         Returns sparse (B, N, C) and dense (B, C, G, G, G).
         """
@@ -76,9 +99,12 @@ class PromptEncoder3D(nn.Module):
         sparse = sparse + torch.where(
             (labels == 1).unsqueeze(-1), self.point_embeddings.weight[1], self.point_embeddings.weight[0]
         ) * (labels != -1).unsqueeze(-1)
+        if clicks is None:
+            clicks = self.click_maps(points, labels)
         if masks is None:
             g = self.grid_size
             dense = self.no_mask.weight.reshape(1, -1, 1, 1, 1).expand(batch, -1, g, g, g)
+            dense = dense + self.mask_downscaling(torch.cat([torch.zeros_like(clicks[:, :1]), clicks], dim=1))
         else:
-            dense = self.mask_downscaling(masks.float())
+            dense = self.mask_downscaling(torch.cat([masks.float(), clicks], dim=1))
         return sparse, dense

@@ -54,9 +54,10 @@ class MemorizingSAM3D(nn.Module):
         Returns mask logits (B, M, S, S, S) and predicted IoUs (B, M).
         """
         b = embedding.shape[0]
-        sparse, dense = self.prompt_encoder(points, labels, previous_mask, b)
+        clicks = self.prompt_encoder.click_maps(points, labels)
+        sparse, dense = self.prompt_encoder(points, labels, previous_mask, b, clicks)
         mask_channel = previous_mask.float() if previous_mask is not None else torch.zeros_like(image)
-        return self.mask_decoder(embedding, self.prompt_encoder.dense_pe(), sparse, dense, torch.cat([image, mask_channel], dim=1))
+        return self.mask_decoder(embedding, self.prompt_encoder.dense_pe(), sparse, dense, torch.cat([image, mask_channel, clicks], dim=1))
 
     def forward(self, image: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, previous_mask: torch.Tensor | None,
                 memory: ExternalMemory | RetrievedMemory | None = None) -> tuple[torch.Tensor, torch.Tensor]:

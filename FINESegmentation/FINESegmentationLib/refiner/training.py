@@ -8,8 +8,9 @@ a batch of crops of *one* organ from different cases, flips them at random, and:
    blobs, a leak into or from a neighbouring organ) that becomes the previous-mask prompt;
 2. encodes the crops, half of the iterations with an in-batch memory: each crop's
    memory block attends to the keys and values of its nearest other crops of the batch
-   (same organ, other patients, as a kNN search in the stored memory finds them at
-   inference), so the model learns to use remembered examples and also works without;
+   (same organ, other patients: a batch takes one crop per case, as a kNN search in the
+   stored memory finds them at inference), so the model learns to use remembered
+   examples and also works without;
 3. runs the decoder ``iterations`` times: the first prompt has a click at the deepest
    error of the perturbed mask (none in ``no_click_probability`` of the crops), and each
    later one adds a click in the errors of the previous answer, which becomes the new
@@ -244,8 +245,13 @@ def train_refiner(settings: RefinerTrainSettings) -> Path:
     start = time.perf_counter()
     for step in bar:
         organ = organs[int(rng.integers(len(organs)))]
-        pool = by_organ[organ]
-        chosen = rng.choice(pool, size=settings.batch_size, replace=len(pool) < settings.batch_size)
+        # One crop per case, so that no crop has a shifted twin of itself as memory.
+        per_case: dict[str, list[int]] = {}
+        for i in by_organ[organ]:
+            per_case.setdefault(crops[i].case_id, []).append(i)
+        cases = list(per_case)
+        picked = rng.choice(len(cases), size=settings.batch_size, replace=len(cases) < settings.batch_size)
+        chosen = [per_case[cases[c]][int(rng.integers(len(per_case[cases[c]])))] for c in picked]
         images, targets, previous = [], [], []
         for i in chosen:
             axes = tuple(a for a in range(3) if rng.random() < 0.5)
