@@ -317,3 +317,16 @@ def test_click_curves_report_dice_per_click_with_and_without_memory(predictor, d
     assert {(r["memory"], r["clicks"]) for r in curves.rows} == {(m, c) for m in (False, True) for c in range(3)}, "both modes, 0..2 clicks"
     assert len(curves.rows) == len(organs) * 2 * 3 and all(0 <= r["dice"] <= 1 for r in curves.rows)
     assert "**mean**" in curves.markdown() and curves.csv().startswith("case,organ,memory,clicks,dice"), "table and CSV"
+
+
+def test_click_curves_can_start_from_fine_segmentations_and_count_missed_organs(predictor, dataset, tmp_path):
+    from FINESegmentationLib.io import read_volume
+    from FINESegmentationLib.refiner.evaluation import click_curves
+
+    labels = read_volume(dataset / "labelsTr" / "phantom_000.nii.gz", kind="label")
+    fine = labels.array.copy()
+    fine[fine == LIVER] = 0  # FINE "missed" the liver
+    write_segmentation(Volume(fine, labels.geometry), tmp_path / "phantom_000_0000.nii.gz")
+    curves = click_curves(predictor, str(dataset), ["phantom_000"], clicks=1, memory_modes=(False,), progress=False, initial=tmp_path)
+    assert curves.missed == [("phantom_000", "liver")], "an organ FINE missed is counted, not refined"
+    assert set(curves.initial.values()) == {1.0}, "the initial masks are the given segmentations"

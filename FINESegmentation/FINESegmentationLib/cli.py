@@ -333,8 +333,11 @@ def _cmd_refiner_evaluate(args: argparse.Namespace) -> int:
             check_output_path(target, (".csv", ".md"))
     predictor = _refiner_predictor(args)
     modes = (False, True) if predictor.has_memory else (False,)
-    curves = click_curves(predictor, args.data, args.cases, args.clicks, modes, args.seed, progress=not args.quiet)
+    curves = click_curves(predictor, args.data, args.cases, args.clicks, modes, args.seed, progress=not args.quiet, initial=args.initial)
     table = curves.markdown()
+    if curves.missed:
+        table += f"\n\n{len(curves.missed)} organ(s) had an empty initial segment (nothing to refine): " + \
+            ", ".join(f"{organ} in {case}" for case, organ in curves.missed) + "."
     print(table)
     if args.csv:
         write_text_atomically(args.csv, curves.csv())
@@ -467,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="evaluate without memory only")
     p.add_argument("--cases", nargs="*", help="case ids to evaluate (default: all)")
     p.add_argument("--clicks", type=int, default=10)
+    p.add_argument("--initial", metavar="DIR", help="start from FINE's segmentations in DIR (<case>.nii.gz or .seg.nrrd, "
+                   "as fine-seg segment writes them) instead of perturbed reference masks")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial masks and the random clicks")
     p.add_argument("--csv", help="write one row per case, organ, memory mode and click count")
     p.add_argument("--markdown", help="write the table as markdown")

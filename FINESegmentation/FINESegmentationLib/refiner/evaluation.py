@@ -1,21 +1,24 @@
 """Dice after 0..N simulated clicks per organ, with and without the memory.
 
-For every organ of every labelled case, a FINE-like initial mask is made from the
+For every organ of every labelled case, the initial mask is FINE's segment of it (from
+a folder of FINE's outputs, ``initial``), or else a FINE-like mask made from the
 reference (the perturbations of training, drawn at the crop's resolution with a seed
-fixed per case and organ, then resampled onto the case's own grid), the predictor is
+fixed per case and organ, then resampled onto the case's own grid). The predictor is
 set on it, and clicks are simulated on the input grid inside the crop box
 (:func:`.clicks.next_click`: the first three at the deepest point of the largest
 error, then at random in the errors). Each answer is pasted into the segment and
 becomes the previous mask of the next click. Dice is computed on the whole input
 grid against the reference. Clicks = 0 is the refiner's answer to the initial mask
 alone; ``initial`` is the Dice of the initial mask itself. Both memory modes start
-from the same initial mask and the same random stream.
+from the same initial mask and the same random stream. An organ FINE missed entirely
+has nothing to refine and is counted in ``missed`` instead.
 """
 from __future__ import annotations
 
 import csv
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -54,6 +57,7 @@ class ClickCurves:
 
     rows: list[dict] = field(default_factory=list)
     initial: dict[tuple[str, str], float] = field(default_factory=dict)
+    missed: list[tuple[str, str]] = field(default_factory=list)
 
     def mean(self, organ: str | None, memory: bool, clicks: int) -> float:
         values = [r["dice"] for r in self.rows if r["memory"] == memory and r["clicks"] == clicks and (organ is None or r["organ"] == organ)]
@@ -92,9 +96,29 @@ class ClickCurves:
         return "\n".join(lines)
 
 
+def _initial_labels(folder: Path, case_id: str, reference: Volume) -> np.ndarray:
+    """FINE's label map of a case from ``folder`` (``<case>[_0000]`` + .seg.nrrd / .nii.gz / .nrrd), on the reference grid."""
+    from ..io import read_segmentation
+
+    for stem in (case_id, f"{case_id}_0000"):
+        for extension in (".seg.nrrd", ".nii.gz", ".nrrd"):
+            path = folder / f"{stem}{extension}"
+            if path.is_file():
+                labels = read_segmentation(path)
+                if labels.shape != reference.shape or not labels.geometry.allclose(reference.geometry):
+                    raise InputError(f"{path} does not lie on the grid of case {case_id}; give FINE's segmentations of these very images.")
+                return labels.array
+    raise InputError(f"No segmentation of case {case_id} in {folder}; segment the dataset's images with fine-seg segment first.")
+
+
 def click_curves(predictor: RefinerPredictor, data: str, case_ids: Sequence[str] | None = None, clicks: int = 10,
-                 memory_modes: Sequence[bool] = (False, True), seed: int = 0, progress: bool = True) -> ClickCurves:
-    """Dice after 0..``clicks`` clicks for every organ of every case of a labelled dataset."""
+                 memory_modes: Sequence[bool] = (False, True), seed: int = 0, progress: bool = True,
+                 initial: str | Path | None = None) -> ClickCurves:
+    """Dice after 0..``clicks`` clicks for every organ of every case of a labelled dataset.
+
+    ``initial``: a folder of FINE's segmentations of the dataset's images to start from
+    (default: perturbed reference masks).
+    """
     from ..data.datasets import find_cases
     from ..io import read_volume
 
@@ -111,10 +135,17 @@ def click_curves(predictor: RefinerPredictor, data: str, case_ids: Sequence[str]
         image = read_volume(c.image)
         reference = read_volume(c.label, kind="label")
         spacing = reference.geometry.spacing
+        fine = _initial_labels(Path(initial), c.case_id, reference) if initial is not None else None
         for organ in [o.label for o in ORGANS if (reference.array == o.label).sum() >= MIN_ORGAN_VOXELS]:
             name = ORGAN_BY_LABEL[organ].name
             target = reference.array == organ
-            start = initial_mask(reference, organ, predictor.config, np.random.default_rng([seed, case_index, organ]))
+            if fine is None:
+                start = initial_mask(reference, organ, predictor.config, np.random.default_rng([seed, case_index, organ]))
+            else:
+                start = fine == organ
+                if not start.any():
+                    curves.missed.append((c.case_id, name))
+                    continue
             curves.initial[(c.case_id, name)] = dice(start, target)
             predictor.set_volume(image, start)
             box = predictor.box
