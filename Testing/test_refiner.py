@@ -14,7 +14,7 @@ from FINESegmentationLib.data.phantoms import PhantomGenerator, write_dataset
 from FINESegmentationLib.errors import CheckpointError, InputError
 from FINESegmentationLib.io import read_segmentation, write_segmentation, write_volume
 from FINESegmentationLib.labels import ORGAN_BY_NAME
-from FINESegmentationLib.refiner.build import build_refiner, load_refiner, refiner_config, save_refiner
+from FINESegmentationLib.refiner.build import build_refiner, load_refiner, save_refiner
 from FINESegmentationLib.refiner.clicks import deepest_click, next_click
 from FINESegmentationLib.refiner.image_encoder import Attention, fuse, memory_attention
 from FINESegmentationLib.refiner.memory import ExternalMemory, RetrievedMemory, distance_weights, memory_from_dataset
@@ -330,3 +330,38 @@ def test_click_curves_can_start_from_fine_segmentations_and_count_missed_organs(
     curves = click_curves(predictor, str(dataset), ["phantom_000"], clicks=1, memory_modes=(False,), progress=False, initial=tmp_path)
     assert curves.missed == [("phantom_000", "liver")], "an organ FINE missed is counted, not refined"
     assert set(curves.initial.values()) == {1.0}, "the initial masks are the given segmentations"
+
+
+def test_shipped_refiner_and_memory_match_their_sha256_fit_together_and_say_demo_only():
+    from FINESegmentationLib.checkpoints import read_registry, sha256_of
+
+    refiners, memories = read_registry(kind="refiner"), read_registry(kind="refiner-memory")
+    assert refiners and memories, "a demo refiner and its memory are registered"
+    assert not set(refiners) & set(read_registry()), "refiners are not offered as FINE segmentation models"
+    for entry in refiners.values():
+        assert sha256_of(entry.path) == entry.sha256, f"{entry.name}: shipped file matches its registered SHA256"
+        model, metadata, _ = load_refiner(entry.name)
+        assert metadata["clinical_use"] is False and "not for clinical use" in metadata["description"], f"{entry.name} is demo-only"
+        assert "phantom" in metadata["description"], f"{entry.name} says it was trained on synthetic phantoms"
+        memory_entry = memories[entry.memory]
+        memory = ExternalMemory.load(memory_entry.path, memory_entry.sha256)
+        memory.check_compatible(model)
+        assert "not for clinical use" in memory.metadata["description"] and "phantom" in memory.metadata["description"]
+
+
+def test_every_voxel_of_the_box_is_clickable_and_oblique_corners_keep_the_previous_mask(predictor, case):
+    from FINESegmentationLib.volume import Geometry
+
+    segment = case.label.array == LIVER
+    predictor.set_volume(case.image, segment)
+    box = predictor.box
+    corner = np.array([box[2].stop - 1, box[1].stop - 1, box[0].stop - 1], float)
+    predictor.predict([corner], [0], point_space="ijk")  # the far corner of the box is inside the cube: no error
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    g = case.image.geometry
+    oblique = Geometry(g.spacing, g.origin, (c, -s, 0, s, c, 0, 0, 0, 1))
+    predictor.set_volume(Volume(case.image.array, oblique), segment)
+    result = predictor.predict(np.zeros((0, 3)), [])
+    outside = ~predictor._inside
+    assert outside.any(), "an oblique grid's box has corners outside the cube"
+    assert np.array_equal(result.mask[outside], segment[result.box][outside]), "voxels outside the cube keep the previous mask"

@@ -71,15 +71,24 @@ def crop_for_segment(geometry: Geometry, mask: np.ndarray, config: RefinerConfig
 
 
 def box_on_grid(crop: CropGrid, geometry: Geometry, shape: tuple[int, int, int]) -> tuple[slice, slice, slice]:
-    """The [z, y, x] slices of the input grid covered by the crop, clamped to the volume."""
+    """The [z, y, x] slices of the input grid whose voxel centres the crop's bounding box covers, clamped to the volume.
+
+    On an input grid aligned with LPS (most CT) every voxel of the box lies in the cube; on an
+    oblique grid the box's corners may not (see :func:`inside_cube`).
+    """
     half = crop.spacing / 2
     lo = np.asarray(crop.origin) - half
     hi = np.asarray(crop.origin) + (crop.size - 1) * crop.spacing + half
     lps = _corners(lo, hi)
     ijk = (np.linalg.inv(geometry.ijk_to_lps()) @ np.c_[lps, np.ones(8)].T).T[:, :3]
-    first = np.clip(np.floor(ijk.min(axis=0)), 0, None).astype(int)
-    last = np.minimum(np.ceil(ijk.max(axis=0)).astype(int), np.array(shape[::-1]) - 1)
+    first = np.clip(np.ceil(ijk.min(axis=0) - 1e-6), 0, None).astype(int)
+    last = np.minimum(np.floor(ijk.max(axis=0) + 1e-6).astype(int), np.array(shape[::-1]) - 1)
     return tuple(slice(int(first[a]), int(last[a]) + 1) for a in (2, 1, 0))  # type: ignore[return-value]
+
+
+def inside_cube(crop: CropGrid, geometry: Geometry, box: tuple[slice, slice, slice]) -> np.ndarray:
+    """Box-shaped bool [z, y, x]: the voxels of the box whose centres lie in the crop's cube."""
+    return logits_to_box(np.ones((crop.size,) * 3, np.float32), crop, geometry, box) > 0
 
 
 def _sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:

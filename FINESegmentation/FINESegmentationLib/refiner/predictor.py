@@ -30,7 +30,7 @@ import torch
 from ..errors import InputError
 from ..volume import Geometry, Volume
 from .build import load_refiner
-from .crop import CropGrid, box_on_grid, crop_for_segment, image_crop, logits_to_box, mask_crop
+from .crop import CropGrid, box_on_grid, crop_for_segment, image_crop, inside_cube, logits_to_box, mask_crop
 from .memory import ExternalMemory, RetrievedMemory
 
 DEFAULT_MEMORY = "default"
@@ -134,6 +134,8 @@ class RefinerPredictor:
                 embeddings[True] = encoder.suffix(tokens, retrieved)
         done = time.perf_counter()
         self._volume, self._crop, self._box, self._image, self._initial = volume, crop, box, image, initial
+        # Voxels of the box outside the cube (the corners of an oblique grid's box) keep the previous mask.
+        self._inside, self._initial_box = inside_cube(crop, volume.geometry, box), mask[box].copy()
         self._embeddings, self.retrieved = embeddings, retrieved
         self.timings = {"crop_s": prepared - start, "encode_s": encoded - prepared, "memory_s": done - encoded, "total_s": done - start}
 
@@ -189,23 +191,24 @@ class RefinerPredictor:
                 )
         return voxels
 
-    def _previous_crop(self, previous_mask: np.ndarray | None) -> torch.Tensor:
+    def _previous_crop(self, previous_mask: np.ndarray | None) -> tuple[torch.Tensor, np.ndarray]:
+        """(previous mask in the crop (1, 1, S, S, S), previous mask in the box [z, y, x] bool)."""
         if previous_mask is None:
-            return self._initial
+            return self._initial, self._initial_box
         previous = np.asarray(previous_mask).astype(bool, copy=False)
         geometry = self._volume.geometry
         box_shape = tuple(s.stop - s.start for s in self._box)
         if previous.shape == self._volume.shape:
-            crop = mask_crop(previous, geometry, self._crop)
+            crop, in_box = mask_crop(previous, geometry, self._crop), previous[self._box]
         elif previous.shape == box_shape:
             start = np.array([self._box[2].start, self._box[1].start, self._box[0].start, 1.0])
             box_geometry = Geometry(geometry.spacing, tuple(geometry.ijk_to_lps()[:3] @ start), geometry.direction)
-            crop = mask_crop(previous, box_geometry, self._crop)
+            crop, in_box = mask_crop(previous, box_geometry, self._crop), previous
         else:
             raise InputError(
                 f"The previous mask's shape {previous.shape} is neither the volume's {self._volume.shape} nor the crop box's {box_shape}."
             )
-        return torch.from_numpy(crop.astype(np.float32))[None, None].to(self.device)
+        return torch.from_numpy(crop.astype(np.float32))[None, None].to(self.device), in_box
 
     def predict(self, points: Sequence[Sequence[float]] | np.ndarray, labels: Sequence[int] | np.ndarray,
                 previous_mask: np.ndarray | None = None, use_memory: bool = True, point_space: str = "ras",
@@ -229,7 +232,7 @@ class RefinerPredictor:
         if len(labels) and not np.isin(labels, (0, 1)).all():
             raise InputError("Click labels must be 1 (add to the segment) or 0 (remove from it).")
         voxels = self._crop_points(points, point_space)
-        previous = self._previous_crop(previous_mask)
+        previous, previous_box = self._previous_crop(previous_mask)
         used_memory = bool(use_memory and self.memory is not None)
         prepared = time.perf_counter()
         with torch.inference_mode():
@@ -241,7 +244,7 @@ class RefinerPredictor:
         decoded = time.perf_counter()
         index = 1 + int(torch.argmax(iou[0, 1:])) if multimask else 0
         logits = masks[0, index].float().cpu().numpy()
-        mask = logits_to_box(logits, self._crop, self._volume.geometry, self._box) > 0
+        mask = np.where(self._inside, logits_to_box(logits, self._crop, self._volume.geometry, self._box) > 0, previous_box)
         done = time.perf_counter()
         return RefinerResult(mask, self._box, float(iou[0, index]), used_memory,
                              {"prompts_s": prepared - start, "decoder_s": decoded - prepared, "to_volume_s": done - decoded, "total_s": done - start})
