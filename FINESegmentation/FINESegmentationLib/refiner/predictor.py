@@ -199,16 +199,17 @@ class RefinerPredictor:
         geometry = self._volume.geometry
         box_shape = tuple(s.stop - s.start for s in self._box)
         if previous.shape == self._volume.shape:
-            crop, in_box = mask_crop(previous, geometry, self._crop), previous[self._box]
-        elif previous.shape == box_shape:
+            # The box covers the cube, so the rest of the volume cannot reach the crop: resample the box only.
+            previous = previous[self._box]
+        if previous.shape == box_shape:
             start = np.array([self._box[2].start, self._box[1].start, self._box[0].start, 1.0])
             box_geometry = Geometry(geometry.spacing, tuple(geometry.ijk_to_lps()[:3] @ start), geometry.direction)
-            crop, in_box = mask_crop(previous, box_geometry, self._crop), previous
+            crop = mask_crop(previous, box_geometry, self._crop)
         else:
             raise InputError(
                 f"The previous mask's shape {previous.shape} is neither the volume's {self._volume.shape} nor the crop box's {box_shape}."
             )
-        return torch.from_numpy(crop.astype(np.float32))[None, None].to(self.device), in_box
+        return torch.from_numpy(crop.astype(np.float32))[None, None].to(self.device), previous
 
     def predict(self, points: Sequence[Sequence[float]] | np.ndarray, labels: Sequence[int] | np.ndarray,
                 previous_mask: np.ndarray | None = None, use_memory: bool = True, point_space: str = "ras",
