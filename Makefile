@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench demo-model clean
+.PHONY: install demo test bench demo-model demo-refiner clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,27 @@ demo-model: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data data/phantoms-train --out runs/fine-tiny-phantom \
 		--config fine-tiny --epochs 16 --iterations 100 --batch-size 2 --optimizer adamw --lr 1e-3 --seed 0 --device cpu \
 		--description "FINE fine-tiny trained on 20 synthetic abdominal CT phantoms (seed 0); demo only, not for clinical use"
+
+# The bundled Memorizing-SAM refiner and its memory, from nothing with fixed seeds (about 30-40 min on
+# 1 busy CPU core), then its click curves on held-out phantoms (seed 200), from perturbed reference masks
+# and from the demo FINE model's segmentations. Shipping = copying refiner.pt and memory.pt to
+# Resources/Models/ under the registered names and writing their SHA256 into models.json.
+REFINER_RUN := runs/refiner-tiny-phantom
+demo-refiner: $(STAMP)
+	$(VENV)/bin/fine-seg phantom --out data/refiner-train --cases 16 --seed 100 --in-plane 256 -q
+	$(VENV)/bin/fine-seg phantom --out data/refiner-heldout --cases 4 --seed 200 --in-plane 256 -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg refiner-train --data data/refiner-train --out $(REFINER_RUN) \
+		--config refiner-tiny --steps 700 --batch-size 4 --seed 0 \
+		--description "Demo: Memorizing-SAM refiner (refiner-tiny) trained on 16 synthetic abdominal CT phantoms (seed 100); not for clinical use"
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg refiner-memory --data data/refiner-train --model $(REFINER_RUN)/refiner.pt \
+		--cases phantom_000 phantom_001 phantom_002 phantom_003 phantom_004 phantom_005 -o $(REFINER_RUN)/memory.pt \
+		--description "Memory of the demo refiner: every organ of 6 synthetic phantoms (seed 100); not for clinical use"
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg refiner-evaluate --data data/refiner-heldout --model $(REFINER_RUN)/refiner.pt \
+		--memory $(REFINER_RUN)/memory.pt --csv $(REFINER_RUN)/clicks_perturbed.csv --markdown $(REFINER_RUN)/clicks_perturbed.md -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg segment data/refiner-heldout/imagesTr --format nii.gz -o data/refiner-heldout-fine -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg refiner-evaluate --data data/refiner-heldout --model $(REFINER_RUN)/refiner.pt \
+		--memory $(REFINER_RUN)/memory.pt --initial data/refiner-heldout-fine \
+		--csv $(REFINER_RUN)/clicks_fine.csv --markdown $(REFINER_RUN)/clicks_fine.md -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -21,6 +21,10 @@ def __getattr__(name: str):
         from . import io
 
         return getattr(io, name)
+    if name in ("RefinerPredictor", "RefinerResult"):
+        from .refiner import predictor
+
+        return getattr(predictor, name)
     if name in ("Volume", "Geometry"):
         from . import volume
 

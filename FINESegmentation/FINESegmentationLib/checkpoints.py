@@ -103,6 +103,12 @@ def save_checkpoint(path: str | os.PathLike, model: FINE, info: ModelInfo, extra
     }
     if extra:
         payload["extra"] = extra
+    return write_payload(path, payload)
+
+
+def write_payload(path: str | os.PathLike, payload: dict[str, Any]) -> str:
+    """``torch.save`` a weights-only-safe dict atomically (temp file + rename); returns the file's SHA256."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -115,24 +121,29 @@ def save_checkpoint(path: str | os.PathLike, model: FINE, info: ModelInfo, extra
     return sha256_of(path)
 
 
-def read_checkpoint(path: str | os.PathLike, sha256: str | None = None) -> dict[str, Any]:
-    """The raw checkpoint dict, after the SHA256 check (when one is given) and format checks."""
+def read_checkpoint(path: str | os.PathLike, sha256: str | None = None, *, format: str = FORMAT,
+                    format_version: int = FORMAT_VERSION, what: str = "FINE checkpoint") -> dict[str, Any]:
+    """The raw checkpoint dict, after the SHA256 check (when one is given) and format checks.
+
+    ``format``, ``format_version`` and ``what`` (its name in messages) let other files of the
+    product (refiner checkpoints, refiner memories) share these checks.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} does not exist; give the path of a FINE checkpoint file or a registered model name.")
+        raise CheckpointError(f"{what[0].upper()}{what[1:]} {path} does not exist; give the path of a {what} file or a registered model name.")
     if sha256 is not None and sha256_of(path) != sha256.lower():
         raise CheckpointError(
-            f"Checkpoint {path} does not match its registered SHA256, so it is damaged or was altered; copy or download it again."
+            f"{what[0].upper()}{what[1:]} {path} does not match its registered SHA256, so it is damaged or was altered; copy or download it again."
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a FINE checkpoint that can be loaded safely ({reason[:120]}).") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a FINE checkpoint (it lacks the FINESegmentation format marker).")
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {payload.get('format_version')}; this version of FINESegmentation reads version {FORMAT_VERSION}.")
+        raise CheckpointError(f"{path} is not a {what} that can be loaded safely ({reason[:120]}).") from None
+    if not isinstance(payload, dict) or payload.get("format") != format:
+        raise CheckpointError(f"{path} is not a {what} (it lacks the {format} format marker).")
+    if payload.get("format_version") != format_version:
+        raise CheckpointError(f"{path} has {what} format version {payload.get('format_version')}; this version of FINESegmentation reads version {format_version}.")
     return payload
 
 
@@ -155,6 +166,8 @@ class RegistryEntry:
     sha256: str
     description: str = ""
     url: str = ""
+    kind: str = "fine"  # "fine" (a FINE segmentation model), "refiner" or "refiner-memory"
+    memory: str = ""  # a refiner's default memory: the name of a "refiner-memory" entry
     folder: Path = field(default_factory=models_dir)  # where ``file`` lies: the registry's folder
 
     @property
@@ -162,12 +175,13 @@ class RegistryEntry:
         return self.folder / self.file
 
 
-def read_registry(path: str | os.PathLike | None = None) -> dict[str, RegistryEntry]:
-    """Models listed in ``models.json`` by name."""
+def read_registry(path: str | os.PathLike | None = None, kind: str = "fine") -> dict[str, RegistryEntry]:
+    """Files of one ``kind`` listed in ``models.json``, by name (entries without a kind are FINE models)."""
     path = Path(path) if path is not None else registry_path()
     try:
         data = json.loads(path.read_text())
-        return {m["name"]: RegistryEntry(**m, folder=path.parent) for m in data["models"]}
+        entries = (RegistryEntry(**m, folder=path.parent) for m in data["models"])
+        return {e.name: e for e in entries if e.kind == kind}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"The model registry {path} cannot be read ({exc}); reinstall FINESegmentation.") from None
 

@@ -617,3 +617,50 @@ def _write_atomically(path: PathLike, extensions: Sequence[str], write: Callable
         raise
     logger.info("Wrote %s.", path)
     return path
+
+
+# --------------------------------------------------------------------------- clicks (Slicer markups)
+
+NEGATIVE_POINT_DESCRIPTIONS = ("negative", "-")
+
+
+def read_markups_points(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Control points of a Slicer markups file (``.mrk.json``) as clicks: (RAS mm (N, 3), positive (N,) bool).
+
+    Positions are read in the file's ``coordinateSystem`` (LPS or RAS; RAS when absent) and
+    returned in RAS. A point is a *negative* click (remove from the segment) when its label
+    starts with ``-`` or its description is ``negative`` (any case); every other point is
+    positive. Points whose position is not defined (``positionStatus`` other than
+    ``defined``) are skipped. Every markup of the file contributes its points.
+    """
+    import json
+
+    path = Path(path)
+    _require_exists(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        markups = data["markups"]
+        points, positive = [], []
+        for markup in markups:
+            system = str(markup.get("coordinateSystem", "RAS")).upper()
+            if system not in ("RAS", "LPS"):
+                raise InputError(f"{path} uses the coordinate system '{system}'; save the points from Slicer in LPS or RAS.")
+            for point in markup.get("controlPoints", []):
+                if point.get("positionStatus", "defined") != "defined":
+                    continue
+                position = np.asarray(point["position"], dtype=np.float64).reshape(3)
+                if system == "LPS":
+                    position = position * np.array([-1.0, -1.0, 1.0])
+                negative = str(point.get("label", "")).strip().startswith("-") or \
+                    str(point.get("description", "")).strip().casefold() in NEGATIVE_POINT_DESCRIPTIONS
+                points.append(position)
+                positive.append(not negative)
+    except InputError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        raise InputError(f"Cannot read {path}: it is not a Slicer markups file (.mrk.json) with control points; save the points again from Slicer.") from None
+    if not points:
+        raise InputError(f"{path} holds no placed control points; place at least one point on the segment to refine.")
+    if not np.isfinite(points).all():
+        raise InputError(f"{path} has points with non-finite coordinates; place the points again.")
+    return np.array(points), np.array(positive, dtype=bool)

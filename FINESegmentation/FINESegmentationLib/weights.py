@@ -88,15 +88,16 @@ def model_choices(cache: Path | None = None, registry: dict[str, RegistryEntry] 
 
 def local_checkpoint(name_or_path: str | os.PathLike, cache: Path | None = None,
                      progress: Callable[[DownloadProgress], None] | None = None,
-                     cancel: threading.Event | None = None) -> tuple[Path, str | None]:
+                     cancel: threading.Event | None = None, kind: str = "fine") -> tuple[Path, str | None]:
     """(file, expected SHA256 or None) of a registered model name or a checkpoint path, downloading if needed.
 
     A cached file is checked against the registered SHA256 every time it is handed
     out, so a damaged or altered cache entry is never loaded; it is downloaded again
-    when the entry has a ``url``.
+    when the entry has a ``url``. ``kind`` picks the registry entries searched
+    (``"fine"``, ``"refiner"`` or ``"refiner-memory"``).
     """
     cache = cache or cache_dir()
-    registry = read_registry()
+    registry = read_registry(kind=kind)
     key = str(name_or_path)
     entry = registry.get(key)
     if entry is None:
