@@ -128,6 +128,11 @@ def test_the_ui_offers_what_the_issue_asks_for():
         "attentionPointSelector": "qMRMLNodeComboBox", "attentionPlaceWidget": "qSlicerMarkupsPlaceWidget",
         "attentionStageComboBox": "QComboBox", "attentionBlockSpinBox": "QSpinBox", "attentionOpacitySlider": "ctkSliderWidget",
         "showAttentionButton": "QPushButton", "saveAttentionButton": "QPushButton", "attentionStatusLabel": "QLabel",
+        # the Refine section
+        "refineCollapsibleButton": "ctkCollapsibleButton", "refineSegmentSelector": "qMRMLSegmentSelectorWidget",
+        "refinePositivePlaceWidget": "qSlicerMarkupsPlaceWidget", "refineNegativePlaceWidget": "qSlicerMarkupsPlaceWidget",
+        "refineMemoryCheckBox": "QCheckBox", "refineStartButton": "QPushButton", "refineUndoButton": "QPushButton",
+        "refineResetButton": "QPushButton", "refineStatusLabel": "QLabel",
     }
     assert {name: widgets.get(name) for name in expected} == expected
 
@@ -139,6 +144,20 @@ def test_the_logic_offers_the_documented_console_api():
     assert {"model", "device", "progress", "cancel"} <= set(methods["segment"])
     assert methods["segmentFiles"][:3] == ["self", "inputPaths", "outputDir"]
     assert "FINESegmentationTest" in {n.name for n in _module_tree().body if isinstance(n, ast.ClassDef)}
+    assert methods["refineStart"][:4] == ["self", "volumeNode", "segmentationNode", "segmentId"]
+    assert methods["refineClick"][:4] == ["self", "session", "points", "labels"] and "useMemory" in methods["refineClick"]
+    assert methods["undoRefineClick"] == ["self", "session"]
+
+
+def test_the_refine_section_states_its_shortcuts_and_its_scene_widgets_get_the_scene():
+    root = ET.parse(UI_FILE).getroot()
+    tooltips = {w.get("name"): w.findtext("property[@name='toolTip']/string") or "" for w in root.iter("widget")}
+    for name, key in (("refinePositivePlaceWidget", "A"), ("refineNegativePlaceWidget", "D"), ("refineUndoButton", "Z")):
+        assert f"Shortcut: {key}." in tooltips[name], f"{name}'s tooltip names its shortcut {key}"
+    module = MODULE_FILE.read_text(encoding="utf-8")
+    assert 'REFINE_SHORTCUTS = {"positive": "A", "negative": "D", "undo": "Z"}' in module, "tooltips and code agree"
+    receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    assert {"refineSegmentSelector", "refinePositivePlaceWidget", "refineNegativePlaceWidget"} <= receivers
 
 
 def test_only_the_mrml_file_of_the_engine_imports_slicer_vtk_or_qt():

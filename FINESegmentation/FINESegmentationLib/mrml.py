@@ -13,6 +13,12 @@ segmentation is therefore three steps: :func:`volume_from_node` (GUI thread),
 :meth:`FINESegmentationLogicCore.importResult` (GUI thread). The scene is changed
 only in the last step, after the network succeeded, so an error or a cancel leaves
 it exactly as it was.
+
+Refining a segment by clicks follows the same split: :func:`segment_mask` and
+:func:`click_points` read the scene (GUI thread), the
+:class:`~FINESegmentationLib.refiner.predictor.RefinerPredictor` runs on the worker,
+and :func:`write_segment_mask` changes the segment in place (GUI thread), only after
+the prediction succeeded.
 """
 from __future__ import annotations
 
@@ -363,6 +369,130 @@ def fiducial_point(markupsNode) -> tuple[float, float, float]:
     return tuple(position)  # type: ignore[return-value]
 
 
+# --------------------------------------------------------------------------- refining a segment by clicks
+
+
+def _segment_or_error(segmentationNode, segmentId):
+    if segmentationNode is None:
+        raise InputError("No segmentation is selected; choose the segmentation and the segment to refine.")
+    segment = segmentationNode.GetSegmentation().GetSegment(segmentId or "")
+    if segment is None:
+        raise InputError(f"The segmentation '{segmentationNode.GetName()}' has no segment '{segmentId}'; choose a segment to refine.")
+    return segment
+
+
+def _grid_of(volumeNode) -> tuple[vtk.vtkMatrix4x4, tuple[int, int, int]]:
+    """(IJK-to-RAS matrix, [z, y, x] shape) of a volume node's voxel grid."""
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(ijk_to_ras)
+    x, y, z = volumeNode.GetImageData().GetDimensions()
+    return ijk_to_ras, (z, y, x)
+
+
+def _check_same_transform(segmentationNode, volumeNode) -> None:
+    if segmentationNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
+        raise InputError(
+            f"The segmentation '{segmentationNode.GetName()}' is under a different transform than the volume "
+            f"'{volumeNode.GetName()}'; put both under the same transform (or none) to refine."
+        )
+
+
+def segment_mask(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
+    """A segment as a bool ``[z, y, x]`` mask on ``volumeNode``'s voxel grid (nearest-neighbour resampled if needed).
+
+    Works on shared label map layers (the segment's own label value is taken). Touches no node.
+    """
+    segment = _segment_or_error(segmentationNode, segmentId)
+    if volumeNode is None or volumeNode.GetImageData() is None:
+        raise InputError("No CT volume with image data is selected; select the CT the segment belongs to as the input volume.")
+    _check_same_transform(segmentationNode, volumeNode)
+    ijk_to_ras, (z, y, x) = _grid_of(volumeNode)
+    layer = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentationNode, segmentId, layer)
+    reference = slicer.vtkOrientedImageData()
+    reference.SetExtent(0, x - 1, 0, y - 1, 0, z - 1)
+    reference.SetImageToWorldMatrix(ijk_to_ras)
+    resampled = slicer.vtkOrientedImageData()
+    if layer.GetPointData() is None or layer.GetPointData().GetScalars() is None:
+        return np.zeros((z, y, x), bool)
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(layer, reference, resampled, False, True)
+    if resampled.GetPointData().GetScalars() is None:
+        return np.zeros((z, y, x), bool)
+    values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(z, y, x)
+    return values == segment.GetLabelValue()
+
+
+def write_segment_mask(mask: np.ndarray, segmentationNode, segmentId: str, volumeNode) -> None:
+    """Replace a segment's voxels by a bool ``[z, y, x]`` mask on ``volumeNode``'s grid, in place.
+
+    The segment keeps its ID, name, colour and tags; other segments are untouched (Slicer moves
+    the segment to a layer of its own where it now overlaps them).
+    """
+    _segment_or_error(segmentationNode, segmentId)
+    _check_same_transform(segmentationNode, volumeNode)
+    ijk_to_ras, shape = _grid_of(volumeNode)
+    if tuple(mask.shape) != shape:
+        raise InputError(f"The volume '{volumeNode.GetName()}' changed while refining; start refining again.")
+    image = slicer.vtkOrientedImageData()
+    z, y, x = shape
+    image.SetExtent(0, x - 1, 0, y - 1, 0, z - 1)
+    image.SetImageToWorldMatrix(ijk_to_ras)
+    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(mask, dtype=np.uint8).ravel(), deep=True,
+                                         array_type=vtk.VTK_UNSIGNED_CHAR)
+    image.GetPointData().SetScalars(scalars)
+    # The whole grid, not an extent: with an extent, Slicer drops the rest of a segment that it moves out of a
+    # shared layer. Outside the refiner's box the mask is the segment as it was, so only the box changes.
+    if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            image, segmentationNode, segmentId, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE):
+        raise InputError(f"The segment '{segmentId}' could not be updated; check that the segmentation is not locked.")
+
+
+def click_points(positiveNode=None, negativeNode=None, volumeNode=None) -> tuple[np.ndarray, np.ndarray]:
+    """(points (N, 3) RAS mm in the volume's own frame, labels (N,): 1 add, 0 remove) from two markups point lists.
+
+    Positions are read in world coordinates and moved into the volume's frame when it is under a transform.
+    """
+    points, labels = [], []
+    for node, label in ((positiveNode, 1), (negativeNode, 0)):
+        if node is None:
+            continue
+        for i in range(node.GetNumberOfControlPoints()):
+            position = [0.0, 0.0, 0.0]
+            node.GetNthControlPointPositionWorld(i, position)
+            points.append(position)
+            labels.append(label)
+    points_array = np.array(points, dtype=np.float64).reshape(-1, 3)
+    if volumeNode is not None and volumeNode.GetParentTransformNode() is not None and len(points_array):
+        world_to_volume = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, volumeNode.GetParentTransformNode(), world_to_volume)
+        points_array = np.array([world_to_volume.TransformPoint(*p) for p in points_array])
+    return points_array, np.array(labels, dtype=np.int64)
+
+
+@dataclass(eq=False)
+class RefineSession:
+    """One segment being refined by clicks: its nodes, the CT, the mask the refiner's crop was placed on,
+    and the undo stack (the crop box's content before each applied click)."""
+
+    volumeNode: Any
+    segmentationNode: Any
+    segmentId: str
+    volume: Volume
+    initial: np.ndarray
+    box: tuple[slice, slice, slice] = ()
+    has_memory: bool = False
+    set_volume_s: float = 0.0
+    undo: list[np.ndarray] = field(default_factory=list)
+    last: Any = None  # the last applied RefinerResult
+    predictor: Any = None  # the RefinerPredictor that holds this session's crop
+
+
+@dataclass(frozen=True)
+class _RefinerOptions:
+    model: str | None
+    device: str
+
+
 # --------------------------------------------------------------------------- the Logic's work
 
 
@@ -406,6 +536,8 @@ class FINESegmentationLogicCore:
         self.worker = worker or TorchWorker()
         self.cache = cache
         self._loaded: tuple[tuple[str | None, str], Any] | None = None  # touched on the worker thread only
+        self._refiner: tuple[_RefinerOptions, Any] | None = None  # the loaded RefinerPredictor (worker thread only)
+        self._refiner_session: RefineSession | None = None  # whose crop the predictor holds (worker thread only)
 
     # ---------------------------------------------------------------- models
 
@@ -574,3 +706,98 @@ class FINESegmentationLogicCore:
 
     def _run_file(self, source: Path, target: Path, options: _Options, progress, cancel) -> dict[str, Any]:
         return self._segmenter(options, progress, cancel).segment_file(source, target, progress=progress, cancel=cancel).report
+
+    # ---------------------------------------------------------------- refining a segment by clicks
+
+    def startRefine(self, volumeNode, segmentationNode, segmentId: str, *, model: str | None = None,
+                    device: str = "auto") -> Job:
+        """Read the CT and the segment (this thread), then queue the refiner's ``set_volume`` on the worker.
+
+        The job's result is a :class:`RefineSession`. An empty or missing segment raises InputError here.
+        """
+        volume = volume_from_node(volumeNode)
+        mask = segment_mask(segmentationNode, segmentId, volumeNode)
+        if not mask.any():
+            raise InputError(f"The segment '{segmentId}' is empty; segment the organ first (or paint a rough outline), "
+                             "then refine it with clicks.")
+        session = RefineSession(volumeNode, segmentationNode, segmentId, volume, mask)
+        return self.worker.submit(self._refine_start, session, _RefinerOptions(model or None, device or "auto"))
+
+    def startRefineClick(self, session: RefineSession, points, labels, *, use_memory: bool = True) -> Job:
+        """Read the segment as it is now (this thread) and queue one prediction from all clicks so far.
+
+        ``points`` (N, 3) RAS mm in the volume's frame, ``labels`` (N,) 1 add / 0 remove. The job's
+        result is a :class:`~FINESegmentationLib.refiner.predictor.RefinerResult` (nothing is written yet).
+        """
+        previous = segment_mask(session.segmentationNode, session.segmentId, session.volumeNode)
+        if previous.shape != session.volume.shape:
+            raise InputError(f"The volume '{session.volumeNode.GetName()}' changed while refining; start refining again.")
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        return self.worker.submit(self._refine_predict, session, points, labels, previous, bool(use_memory))
+
+    def applyRefineClick(self, session: RefineSession, result) -> None:
+        """Write a finished prediction into the segment (this thread): only the crop box changes; undoable."""
+        current = segment_mask(session.segmentationNode, session.segmentId, session.volumeNode)
+        write_segment_mask(result.paste(current), session.segmentationNode, session.segmentId, session.volumeNode)
+        session.undo.append(current[result.box].copy())
+        session.last = result
+
+    def undoRefineClick(self, session: RefineSession) -> bool:
+        """Restore the segment as it was before the last applied click; False when there is nothing to undo."""
+        if not session.undo:
+            return False
+        current = segment_mask(session.segmentationNode, session.segmentId, session.volumeNode)
+        current[session.box] = session.undo[-1]
+        write_segment_mask(current, session.segmentationNode, session.segmentId, session.volumeNode)
+        session.undo.pop()
+        return True
+
+    def refineStart(self, volumeNode, segmentationNode, segmentId: str, *, model: str | None = None,
+                    device: str = "auto", progress: Callable[[Any], None] | None = None) -> RefineSession:
+        """Start refining a segment (blocks about a quarter of a second after the refiner is loaded)."""
+        return self.startRefine(volumeNode, segmentationNode, segmentId, model=model, device=device).wait(progress)
+
+    def refineClick(self, session: RefineSession, points, labels=None, *, use_memory: bool = True):
+        """Refine with all clicks so far and write the result into the segment; returns the RefinerResult.
+
+        ``points``: (N, 3) RAS mm with ``labels`` (1 add, 0 remove), or a pair of markups point lists
+        (positive, negative) with ``labels`` None. Errors leave the segment and the scene unchanged.
+        """
+        if labels is None:
+            points, labels = click_points(points[0], points[1], session.volumeNode)
+        result = self.startRefineClick(session, points, labels, use_memory=use_memory).wait()
+        self.applyRefineClick(session, result)
+        return result
+
+    def _refine_predictor(self, options: _RefinerOptions, progress):
+        from .inference import resolve_device
+        from .refiner.predictor import RefinerPredictor
+
+        if self._refiner is None or self._refiner[0] != options:
+            self._refiner, self._refiner_session = None, None
+            progress("Loading the refiner...")
+            self._refiner = (options, RefinerPredictor(options.model, device=resolve_device(options.device)))
+        return self._refiner[1]
+
+    def _refine_start(self, session: RefineSession, options: _RefinerOptions, progress, cancel) -> RefineSession:
+        predictor = self._refine_predictor(options, progress)
+        self._refiner_session = None
+        predictor.set_volume(session.volume, session.initial)
+        self._refiner_session = session
+        session.box, session.has_memory = predictor.box, predictor.has_memory
+        session.set_volume_s = predictor.timings["total_s"]
+        session.predictor = predictor
+        return session
+
+    def _refine_predict(self, session: RefineSession, points, labels, previous, use_memory: bool, progress, cancel):
+        predictor = session.predictor
+        current = self._refiner is not None and self._refiner[1] is predictor
+        if not current or self._refiner_session is not session:
+            # Another session used the predictor since: place the same crop again (same CT, same starting mask).
+            if current:
+                self._refiner_session = None
+            predictor.set_volume(session.volume, session.initial)
+            if current:
+                self._refiner_session = session
+        return predictor.predict(points, labels, previous_mask=previous, use_memory=use_memory)
