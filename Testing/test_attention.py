@@ -42,7 +42,7 @@ def mapper():
 @pytest.fixture(scope="module")
 def second_block_map(mapper, ct):
     """With the accumulate bank, from the second block of the first stage (window tokens carry context there)."""
-    return mapper.compute(ct, CENTRE, ijk=True, block=1)
+    return mapper.compute(ct, CENTRE, ijk=True, block=1, levels=True)
 
 
 def _crop_mask(amap, volume):
@@ -84,7 +84,7 @@ def test_map_moves_with_the_point(mapper, ct):
     stateless = AttentionMapper((mapper.model, mapper.info), device="cpu", bank="stateless")
     peaks = []
     for ijk in ((30, 40, 8), (100, 90, 24)):
-        amap = stateless.compute(ct, ijk, ijk=True)
+        amap = stateless.compute(ct, ijk, ijk=True, levels=True)
         peak = np.unravel_index(np.argmax(amap.levels["local"].array), ct.shape)[::-1]
         assert np.all(np.abs(np.array(peak) - ijk) <= (16, 16, 8)), "the local term peaks in the point's window"
         peaks.append(amap)
@@ -98,6 +98,7 @@ def test_without_tokens_nothing_lies_outside_the_point_window(ct):
     assert heat[~_crop_mask(amap, ct)].max() == 0.0, "a Swin/nnFormer block sees nothing outside its crop"
     assert amap.shares["outside_crop"] == 0.0 and amap.shares["outside_window"] == pytest.approx(0.0, abs=1e-6), "only the window"
     assert np.count_nonzero(heat) <= 8 * 16 * 16, "no more voxels than one 8 x 16 x 16 attention window"
+    assert amap.levels == {}, "the terms are resampled only when asked for (each costs the map's memory)"
 
 
 def test_with_volume_tokens_the_map_reaches_beyond_the_crop(ct, second_block_map):
@@ -122,7 +123,7 @@ def test_demo_model_deep_stage_looks_substantially_outside_its_crop():
 
 def test_accumulate_bank_spreads_the_volume_level_over_the_crops_that_wrote_it(mapper, ct, second_block_map):
     acc = second_block_map
-    stateless = AttentionMapper((mapper.model, mapper.info), device="cpu", bank="stateless").compute(ct, CENTRE, ijk=True, block=1)
+    stateless = AttentionMapper((mapper.model, mapper.info), device="cpu", bank="stateless").compute(ct, CENTRE, ijk=True, block=1, levels=True)
     vol_s = stateless.levels["volume"].array
     # Without a bank no voxel of this volume wrote the tokens: each cell's share is even over its footprint.
     assert len(np.unique(vol_s[vol_s > 0])) <= mapper.model.grid.num_cells, "one value per cell footprint"

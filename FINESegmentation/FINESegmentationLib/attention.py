@@ -73,8 +73,8 @@ _LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 class AttentionMap:
     """An attention map from one point, on the input's grid, with what is needed to draw it.
 
-    ``heat`` is float32 in [0, 1] (maximum 1) with the input's geometry; ``levels`` holds the
-    three terms (local, crop, volume) on the same scale, so they add up to ``heat``.
+    ``heat`` is float32 in [0, 1] (maximum 1) with the input's geometry; ``levels`` (when asked
+    for) holds the three terms (local, crop, volume) on the same scale, so they add up to ``heat``.
     Coordinates in RAS millimetres (Slicer's frame). ``shares`` are fractions of the map's
     mass: per level, ``outside_crop`` (outside the crop that holds the point) and
     ``outside_window`` (outside the point's own attention window).
@@ -271,8 +271,13 @@ class AttentionMapper:
         return self.model.decoder[i - n_enc], n_enc - 2 - (i - n_enc)
 
     def compute(self, volume: Volume, point: Sequence[float], *, ijk: bool = False, stage: str = "encoder0", block: int = 0,
-                progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> AttentionMap:
-        """The attention map of ``point`` (RAS mm, or (i, j, k) = (x, y, z) indices of ``volume`` with ``ijk``)."""
+                levels: bool = False, progress: ProgressCallback | None = None,
+                cancel: threading.Event | None = None) -> AttentionMap:
+        """The attention map of ``point`` (RAS mm, or (i, j, k) = (x, y, z) indices of ``volume`` with ``ijk``).
+
+        ``levels=True`` also resamples the three terms onto the input grid (``AttentionMap.levels``);
+        each costs as much memory as the map itself, so they are left out unless asked for.
+        """
         stage_module, resolution_index = self._stage(stage)
         depth = len(stage_module.blocks)
         if not 0 <= block < depth:
@@ -404,12 +409,17 @@ class AttentionMapper:
         shares = {name: float(maps[name][unpad].sum()) / total if total else 0.0 for name in LEVELS}
         shares["outside_crop"] = max(0.0, 1.0 - in_crop / total) if total else 0.0
         shares["outside_window"] = max(0.0, 1.0 - float(heat_net[win_mask].sum()) / total) if total else 0.0
-        stack = np.stack([maps[name][unpad] for name in LEVELS])
-        on_input = probabilities_to_input_grid(stack, prepared, volume)
-        scale = float(on_input.sum(0).max()) or 1.0
-        on_input /= scale
-        levels = {name: volume.with_array(on_input[i]) for i, name in enumerate(LEVELS)}
-        heat = volume.with_array(np.clip(on_input.sum(0), 0.0, 1.0).astype(np.float32))
+        heat_array = probabilities_to_input_grid(np.ascontiguousarray(heat_net[unpad])[None], prepared, volume)[0]
+        scale = float(heat_array.max()) or 1.0
+        heat_array /= scale
+        np.clip(heat_array, 0.0, 1.0, out=heat_array)
+        heat = volume.with_array(heat_array)
+        level_maps = {}
+        if levels:
+            for name in LEVELS:
+                level = probabilities_to_input_grid(np.ascontiguousarray(maps[name][unpad])[None], prepared, volume)[0]
+                level /= scale
+                level_maps[name] = volume.with_array(level)
 
         net_scale = float(heat_net[unpad].max()) or 1.0
         grid_net = prepared.grid
@@ -428,7 +438,7 @@ class AttentionMapper:
         }
         return AttentionMap(
             heat=heat,
-            levels=levels,
+            levels=level_maps,
             shares=shares,
             point_ras=tuple(float(v) for v in point_ras[:3]),
             point_ijk=tuple(float(v) for v in point_ijk),

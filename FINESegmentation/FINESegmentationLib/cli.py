@@ -195,7 +195,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     mapper = AttentionMapper(args.model, device=args.device, bank=args.bank, fast=args.fast)
     bar = _ProgressBar(case_name(Path(args.input)), not args.quiet)
     try:
-        amap = mapper.compute(volume, point, ijk=args.ijk, stage=args.stage, block=args.block, progress=bar)
+        amap = mapper.compute(volume, point, ijk=args.ijk, stage=args.stage, block=args.block, levels=args.levels, progress=bar)
     finally:
         bar.close()
     out = Path(args.output)
