@@ -62,7 +62,7 @@ from .errors import CancelledError, InputError
 from .inference import Progress, ProgressCallback, Segmenter, VolumeTokenBank
 from .model.blocks import Attention, FINEBlock
 from .model.network import FINEStage
-from .preprocessing import prepare, probabilities_to_input_grid
+from .preprocessing import prepare, scalar_to_input_grid
 from .volume import Volume
 
 LEVELS = ("local", "crop", "volume")
@@ -409,7 +409,7 @@ class AttentionMapper:
         shares = {name: float(maps[name][unpad].sum()) / total if total else 0.0 for name in LEVELS}
         shares["outside_crop"] = max(0.0, 1.0 - in_crop / total) if total else 0.0
         shares["outside_window"] = max(0.0, 1.0 - float(heat_net[win_mask].sum()) / total) if total else 0.0
-        heat_array = probabilities_to_input_grid(np.ascontiguousarray(heat_net[unpad])[None], prepared, volume)[0]
+        heat_array = scalar_to_input_grid(heat_net[unpad], prepared, volume)
         scale = float(heat_array.max()) or 1.0
         heat_array /= scale
         np.clip(heat_array, 0.0, 1.0, out=heat_array)
@@ -417,7 +417,7 @@ class AttentionMapper:
         level_maps = {}
         if levels:
             for name in LEVELS:
-                level = probabilities_to_input_grid(np.ascontiguousarray(maps[name][unpad])[None], prepared, volume)[0]
+                level = scalar_to_input_grid(maps[name][unpad], prepared, volume)
                 level /= scale
                 level_maps[name] = volume.with_array(level)
 

@@ -100,17 +100,11 @@ def evaluate(segmenter, data: str, case_ids: list[str] | None = None, label_map:
     """Segment every labelled case of a dataset folder (or the listed ones) and score it."""
     from tqdm import tqdm
 
-    from .data.datasets import find_cases, map_labels, parse_label_map
-    from .errors import InputError
+    from .data.datasets import map_labels, parse_label_map, select_cases
     from .io import read_volume
 
     mapping = parse_label_map(label_map)
-    cases = find_cases(data)
-    if case_ids:
-        unknown = set(case_ids) - {c.case_id for c in cases}
-        if unknown:
-            raise InputError(f"Cases not in {data}: {', '.join(sorted(unknown))}.")
-        cases = [c for c in cases if c.case_id in set(case_ids)]
+    cases = select_cases(data, case_ids)
     result = Evaluation(name or segmenter.model_name)
     for c in tqdm(cases, desc="evaluating", unit="case", disable=not progress):
         image = read_volume(c.image)

@@ -286,24 +286,17 @@ def show_attention_map(amap, volumeNode, nodes: AttentionNodes | None = None, op
     name = volumeNode.GetName()
     made = []
     try:
-        if nodes is None or nodes.heat is None or not scene.IsNodePresent(nodes.heat):
-            heat = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(f"{name} FINE attention"))
-            made.append(heat)
-            heat.CreateDefaultDisplayNodes()
-        else:
-            heat = nodes.heat
-        if nodes is None or nodes.crop is None or not scene.IsNodePresent(nodes.crop):
-            crop = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", scene.GenerateUniqueName(f"{name} FINE attention crop"))
-            made.append(crop)
-            crop.CreateDefaultDisplayNodes()
-        else:
-            crop = nodes.crop
-        if nodes is None or nodes.grid is None or not scene.IsNodePresent(nodes.grid):
-            grid = scene.AddNewNodeByClass("vtkMRMLModelNode", scene.GenerateUniqueName(f"{name} FINE token grid"))
-            made.append(grid)
-            grid.CreateDefaultDisplayNodes()
-        else:
-            grid = nodes.grid
+        def reuse_or_add(existing, node_class: str, suffix: str):
+            if existing is not None and scene.IsNodePresent(existing):
+                return existing
+            node = scene.AddNewNodeByClass(node_class, scene.GenerateUniqueName(f"{name} {suffix}"))
+            made.append(node)
+            node.CreateDefaultDisplayNodes()
+            return node
+
+        heat = reuse_or_add(nodes.heat if nodes else None, "vtkMRMLScalarVolumeNode", "FINE attention")
+        crop = reuse_or_add(nodes.crop if nodes else None, "vtkMRMLMarkupsROINode", "FINE attention crop")
+        grid = reuse_or_add(nodes.grid if nodes else None, "vtkMRMLModelNode", "FINE token grid")
 
         image = vtk.vtkImageData()
         z, y, x = amap.heat.shape

@@ -98,6 +98,15 @@ def labels_to_input_grid(labels: np.ndarray, prepared: PreparedVolume, reference
     return Volume(sitk.GetArrayFromImage(out), reference.geometry)
 
 
+def scalar_to_input_grid(array: np.ndarray, prepared: PreparedVolume, reference: Volume) -> np.ndarray:
+    """Linear resampling of one float map [z, y, x] on the prepared grid onto the input's grid.
+
+    Holds one input-sized copy besides the result (SimpleITK's image, freed on return)."""
+    image = _on_prepared_grid(np.ascontiguousarray(array, dtype=np.float32), prepared)
+    resampled = sitk.Resample(image, _reference_grid(reference, sitk.sitkFloat32), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(resampled)
+
+
 def probabilities_to_input_grid(probabilities: np.ndarray, prepared: PreparedVolume, reference: Volume) -> np.ndarray:
     """Linear resampling of per-class probabilities [C, z, y, x] onto the input's grid, one class at a time."""
     grid = _reference_grid(reference, sitk.sitkFloat32)

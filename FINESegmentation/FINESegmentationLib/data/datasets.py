@@ -115,6 +115,17 @@ class PreparedCase:
     info: dict
 
 
+
+def select_cases(root: str | Path, case_ids: list[str] | None = None) -> list[CaseFiles]:
+    """The dataset's cases, or only the listed ones (every listed id must exist)."""
+    cases = find_cases(root)
+    if case_ids:
+        unknown = set(case_ids) - {c.case_id for c in cases}
+        if unknown:
+            raise InputError(f"Cases not in {root}: {', '.join(sorted(unknown))}.")
+        cases = [c for c in cases if c.case_id in set(case_ids)]
+    return cases
+
 def map_labels(label: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
     lut = np.zeros(max(int(label.max()), max(mapping)) + 1, np.uint8)
     for src, dst in mapping.items():

@@ -119,15 +119,10 @@ def click_curves(predictor: RefinerPredictor, data: str, case_ids: Sequence[str]
     ``initial``: a folder of FINE's segmentations of the dataset's images to start from
     (default: perturbed reference masks).
     """
-    from ..data.datasets import find_cases
+    from ..data.datasets import select_cases
     from ..io import read_volume
 
-    cases = find_cases(data)
-    if case_ids:
-        unknown = set(case_ids) - {c.case_id for c in cases}
-        if unknown:
-            raise InputError(f"Cases not in {data}: {', '.join(sorted(unknown))}.")
-        cases = [c for c in cases if c.case_id in set(case_ids)]
+    cases = select_cases(data, case_ids)
     if any(memory_modes) and not predictor.has_memory:
         raise InputError("An evaluation with memory needs a refiner memory; give one (--memory) or evaluate without it (--no-memory).")
     curves = ClickCurves()

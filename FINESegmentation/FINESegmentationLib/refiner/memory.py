@@ -170,17 +170,11 @@ def memory_from_dataset(model, data: str, case_ids: Sequence[str] | None = None,
     """A memory of every organ of every labelled case of a dataset folder (one crop per organ, placed as at inference)."""
     from tqdm import tqdm
 
-    from ..data.datasets import find_cases
-    from ..errors import InputError
+    from ..data.datasets import select_cases
     from ..io import read_volume
     from .training import organ_crops
 
-    cases = find_cases(data)
-    if case_ids:
-        unknown = set(case_ids) - {c.case_id for c in cases}
-        if unknown:
-            raise InputError(f"Cases not in {data}: {', '.join(sorted(unknown))}.")
-        cases = [c for c in cases if c.case_id in set(case_ids)]
+    cases = select_cases(data, case_ids)
     crops = []
     for c in tqdm(cases, desc="cropping cases", unit="case", disable=not progress):
         for crop in organ_crops(c.case_id, read_volume(c.image), read_volume(c.label, kind="label"), model.config, None):
