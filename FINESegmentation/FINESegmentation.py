@@ -125,7 +125,7 @@ class FINESegmentationParameterNode:
     tta: bool = False
     attentionPoint: vtkMRMLMarkupsFiducialNode
     attentionStage: Annotated[str, Choice(ATTENTION_STAGES)] = "encoder0"
-    attentionBlock: Annotated[int, WithinRange(0, 7)] = 0
+    attentionBlock: Annotated[int, WithinRange(0, 7)] = 1
     attentionOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
     attentionMap: vtkMRMLScalarVolumeNode
     attentionCrop: vtkMRMLMarkupsROINode
@@ -996,7 +996,7 @@ class FINESegmentationLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ attention maps (delegated to the engine)
 
-    def attentionMap(self, volumeNode, point, stage="encoder0", block=0, model=None, device="auto", bank="accumulate",
+    def attentionMap(self, volumeNode, point, stage="encoder0", block=1, model=None, device="auto", bank="accumulate",
                      fast=False, nodes=None, opacity=0.6, progress=None, cancel: Optional[threading.Event] = None):
         """Compute and show where FINE looked from ``point`` (RAS mm, or a point list: its last point).
 

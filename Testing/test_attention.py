@@ -101,6 +101,12 @@ def test_without_tokens_nothing_lies_outside_the_point_window(ct):
     assert amap.levels == {}, "the terms are resampled only when asked for (each costs the map's memory)"
 
 
+def test_at_block_0_the_window_tokens_carry_nothing_of_the_volume(mapper, ct):
+    amap = AttentionMapper((mapper.model, mapper.info), device="cpu", bank="stateless").compute(ct, CENTRE, ijk=True, block=0)
+    assert amap.shares["local"] == 1.0 and amap.shares["outside_window"] == pytest.approx(0.0, abs=1e-6), \
+        "block 0 reads the learned seed through its window token: only the local term is left"
+
+
 def test_with_volume_tokens_the_map_reaches_beyond_the_crop(ct, second_block_map):
     amap = second_block_map
     outside = amap.heat.array[~_crop_mask(amap, ct)]
@@ -178,7 +184,7 @@ def test_cli_attention_writes_the_map_figure_and_report(tmp_path):
     heat = read_volume(tmp_path / "heat.nii.gz")
     assert heat.geometry.allclose(read_volume(image).geometry) and heat.array.max() == pytest.approx(1.0), "heat map on the input grid"
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["stage"] == "encoder0" and report["block"] == 0 and report["point_ras"] == [0.0, -20.0, 60.0], "report"
+    assert report["stage"] == "encoder0" and report["block"] == 1 and report["point_ras"] == [0.0, -20.0, 60.0], "report"
     assert {p.name for p in tmp_path.iterdir()} == {"ct.nii.gz", "heat.nii.gz", "heat_local.nii.gz", "heat_crop.nii.gz",
                                                     "heat_volume.nii.gz", "fig.png", "r.json"}, "every output, nothing else"
     bad = subprocess.run(cmd[:6] + ["0,-20,900", "-o", str(tmp_path / "other.nii.gz")], capture_output=True, text=True, env=env)

@@ -3,7 +3,7 @@
 Each run (segment, attention map with the accumulate bank, attention map stateless) is a fresh
 subprocess on the same synthetic CT, so each peak resident memory belongs to that run alone. The
 model is the registered demo model (``fine-tiny-phantom``) unless ``--model`` says otherwise; the
-point is the volume's centre; stage encoder0, block 0 (the default of ``fine-seg attention``).
+point is the volume's centre; stage encoder0, block 1 (the defaults of ``fine-seg attention``).
 
 Writes ``attention.json`` (raw numbers, machine) and ``attention.md`` into ``--out`` (default: this
 folder) and prints the markdown.
@@ -111,7 +111,7 @@ def markdown(result: dict) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB; device {result['device']}; model {result['model']}; "
         f"volume {'x'.join(map(str, result['size']))} voxels (x, y, z) at {SPACING_XYZ} mm; point at the centre; "
-        "stage encoder0, block 0. Each row a fresh process; time is end to end (preprocessing to the map or labels "
+        "stage encoder0, block 1 (the defaults). Each row a fresh process; time is end to end (preprocessing to the map or labels "
         "on the input grid), the fastest of the repeats; peak memory is the process's peak resident set.",
         "",
         "| run | crops | time (s) | time / segment | peak memory (MB) | other processes' cores before |",

@@ -1,24 +1,24 @@
 """Attention maps: where FINE looked, from one voxel, across the whole volume.
 
-For a point and one FINE block (a stage and a block index; default the first block of
-the first encoder stage, the paper's Fig. 4), the map is an attention-rollout product
-of the block's three levels. Every attention row below is the softmax over the keys,
-averaged over the heads, and computed only for the rows the point needs (forward
-hooks re-evaluate those rows from the inputs the block's attention layers received;
-no attention matrix is ever stored whole):
+For a point and one FINE block b of a stage (default: block 1 of the first encoder stage, the
+paper's Fig. 4), the map follows, backwards, what the point's visual token read in block b:
+an attention-rollout product of the levels. Every attention row below is the softmax over the
+keys, averaged over the heads, and computed only for the rows the point needs (forward hooks
+re-evaluate those rows from the inputs the attention layers received; no attention matrix is
+ever stored whole):
 
-* alpha: W-MSA row of the point's visual token u_p over [v_j ; u] of its (possibly
+* alpha (block b): W-MSA row of the point's visual token u_p over [v_j ; u] of its (possibly
   shifted) window: weights on its window tokens v_j and on the window's visual tokens.
-* beta_j: G-MSA row of window token v_j over [w_k (the crop's cells) ; v (all windows of
-  the crop)].
-* gamma: the MSA over all volume tokens that last mixed the tokens G-MSA read: block
-  b-1 of the same forward; for b = 0 with the ``accumulate`` bank, the stage's last
-  block in the last crop of pass 1 (the mixing that left the bank as it is); for b = 0
-  without a bank, none (identity: the learned tokens).
-* eps_c,v: W-MSA row of window token v of crop c over its window's visual tokens,
-  renormalised over them: what the window token read from the voxels.
-* delta_c,k: G-MSA row of volume token w_k in crop c over that crop's window tokens,
-  renormalised over them: what crop c wrote into cell k.
+* The window token v_j that row reads was written by block b-1's G-MSA; so, at block b-1:
+  beta_j: G-MSA row of v_j over [w_k (the crop's cells) ; v (all windows of the crop)];
+  eps_c,v: W-MSA row of window token v of crop c over its window's visual tokens,
+  renormalised over them (what the window token read from the voxels);
+  delta_c,k: G-MSA row of volume token w_k in crop c over that crop's window tokens,
+  renormalised over them (what crop c wrote into cell k).
+* gamma: the MSA over all volume tokens that last mixed what block b-1's G-MSA read: block
+  b-2 of the same forward; for b = 1 with the ``accumulate`` bank, the stage's last block in the
+  last crop of pass 1 (the mixing that left the bank as it is); for b = 1 without a bank, none
+  (identity: the learned tokens).
 
 The map is a density over the voxels of the network's grid, summing to one, made of
 
@@ -27,13 +27,14 @@ The map is a density over the voxels of the network's grid, summing to one, made
     volume(q) = sum_j alpha(v_j) sum_k beta_j(w_k) sum_k' gamma(k, k') R_k'(q)
 
 where R_k' is what cell k' holds: with the ``accumulate`` bank, the mean over the crops
-of pass 1 that touched k' of sum_v delta_c,k'(v) eps_c,v(q) at the same block (each
-such crop weighs the same; the bank's repeated mixings are reduced to the last one);
-for a cell no crop of this volume wrote (every cell without a bank), the learned
-tokens, spread evenly over the cell's footprint (its in-plane square, all slices),
-the region the token stands for. A token's mass is spread evenly over the voxels it
-covers (patch size x 2^stage). Without window tokens only ``local`` remains: nothing
-lies outside the point's window, the bounded view of a Swin/nnFormer block.
+of pass 1 that touched k' of sum_v delta_c,k'(v) eps_c,v(q) at block b-1 (each such crop
+weighs the same; the bank's repeated mixings are reduced to the last one); for a cell no crop
+of this volume wrote (every cell without a bank), the learned tokens, spread evenly over the
+cell's footprint (its in-plane square, all slices), the region the token stands for. A
+token's mass is spread evenly over the voxels it covers (patch size x 2^stage). At block 0 the
+window tokens are the stage's learned seed, which holds nothing of this volume, so the map is
+the local term alone (the seed's share is left out). Without window tokens only ``local``
+remains: nothing lies outside the point's window, the bounded view of a Swin/nnFormer block.
 
 The map is computed on the network's grid (reoriented and resampled as for
 segmenting), then resampled linearly onto the input's grid and scaled so its maximum
@@ -157,25 +158,30 @@ class _Record:
 
 
 class _Recorder:
-    """Forward hooks on one FINE block (and the block whose volume-token MSA feeds it)."""
+    """Forward hooks: the point's W-MSA row at block b; at block b-1 (the source of the window token that
+    row reads) the window tokens' rows over their voxels, the G-MSA rows and the crop's cells; and the
+    volume-token MSA that mixed what that G-MSA read (block b-2, or for b-1 = 0 the stage's last block)."""
 
-    def __init__(self, stage: FINEStage, block: int, layout: _WindowLayout) -> None:
+    def __init__(self, stage: FINEStage, block: int) -> None:
         self.stage = stage
         self.block = stage.blocks[block]
-        self.layout = layout
+        self.layout = _WindowLayout(self.block)
+        self.source = stage.blocks[block - 1] if block > 0 else None
+        self.source_layout = _WindowLayout(self.source) if self.source is not None else None
+        self.gamma_block = (stage.blocks[block - 2] if block > 1 else stage.blocks[-1]) if block > 0 else None
         self.point: tuple[int, int, int] | None = None  # token coordinates of the point, when its crop runs
         self.writers = False
         self.record = _Record()
-        self.gamma_block = stage.blocks[block - 1] if block > 0 else stage.blocks[-1]
 
     @contextmanager
     def attached(self) -> Iterator["_Recorder"]:
-        handles = [self.block.register_forward_pre_hook(self._block_inputs)]
-        handles.append(self.block.attn.attn.register_forward_hook(self._window_attention))
-        if self.block.global_attn is not None:
-            handles.append(self.block.global_attn.register_forward_hook(self._global_attention))
-        if self.gamma_block.volume_attn is not None:
-            handles.append(self.gamma_block.volume_attn.register_forward_hook(self._volume_attention))
+        handles = [self.block.attn.attn.register_forward_hook(self._point_attention)]
+        if self.source is not None and self.source.num_window_tokens:
+            handles.append(self.source.register_forward_pre_hook(self._block_inputs))
+            handles.append(self.source.attn.attn.register_forward_hook(self._window_attention))
+            handles.append(self.source.global_attn.register_forward_hook(self._global_attention))
+            if self.gamma_block.volume_attn is not None:
+                handles.append(self.gamma_block.volume_attn.register_forward_hook(self._volume_attention))
         try:
             yield self
         finally:
@@ -187,44 +193,45 @@ class _Recorder:
         self.record = _Record()
         return self.record
 
+    @property
+    def point_window(self) -> int:
+        return int(self.layout.window[self.point])
+
     def _block_inputs(self, module, args) -> None:
         cells = args[3] if len(args) > 3 else None
         self.record.cells = None if cells is None else cells[0].cpu().numpy()
 
-    def _window_attention(self, module, args, output) -> None:
+    def _point_attention(self, module, args, output) -> None:
+        if self.point is None:
+            return
         x, mask = args[0][:1], args[1]
         nv = self.block.num_window_tokens
-        if nv == 0:
-            if self.point is not None:
-                self._point_row(x, mask, 0)
-            return
-        rows = attention_rows(module, x, slice(0, nv), mask)[0]  # (nW, Nv, L)
-        eps = rows[..., nv:]
-        eps = eps / eps.sum(-1, keepdim=True).clamp_min(1e-12)
-        self.record.eps = self.layout.to_grid(eps.transpose(0, 1).cpu().numpy())  # (Nv, Z, Y, X)
-        if self.point is not None:
-            self._point_row(x, mask, nv)
-
-    def _point_row(self, x: Tensor, mask: Tensor | None, nv: int) -> None:
-        z, y, xx = self.point
-        win = int(self.layout.window[z, y, xx])
-        row = nv + int(self.layout.local[z, y, xx])
+        win = self.point_window
+        row = nv + int(self.layout.local[self.point])
         m = None if mask is None else mask[min(win, mask.shape[0] - 1)]
-        a = attention_rows(self.block.attn.attn, x[:, win], [row], m)[0, 0].cpu().numpy()  # (Nv + Nu,)
+        a = attention_rows(module, x[:, win], [row], m)[0, 0].cpu().numpy()  # (Nv + Nu,)
         self.record.alpha_v = a[:nv]
         in_window = self.layout.window == win
         grid = np.zeros(self.layout.grid, np.float64)
         grid[in_window] = a[nv:][self.layout.local[in_window]]
         self.record.alpha_u = grid
 
+    def _window_attention(self, module, args, output) -> None:
+        x, mask = args[0][:1], args[1]
+        nv = self.source.num_window_tokens
+        rows = attention_rows(module, x, slice(0, nv), mask)[0]  # (nW, Nv, L)
+        eps = rows[..., nv:]
+        eps = eps / eps.sum(-1, keepdim=True).clamp_min(1e-12)
+        self.record.eps = self.source_layout.to_grid(eps.transpose(0, 1).cpu().numpy())  # (Nv, Z, Y, X)
+
     def _global_attention(self, module, args, output) -> None:
         seq = args[0][:1]
-        nv = self.block.num_window_tokens
+        nv = self.source.num_window_tokens
         nwin = self.stage.windows
         kn = seq.shape[1] - nwin * nv  # K * Nw volume-token rows come first
         if self.point is not None:
-            z, y, x = self.point
-            win = int(self.layout.window[z, y, x])
+            # The window token of the point's window at block b is the G-MSA output of the same token at b-1.
+            win = self.point_window
             self.record.beta = attention_rows(module, seq, [kn + win * nv + j for j in range(nv)])[0].cpu().numpy()
         if self.writers and kn:
             d = attention_rows(module, seq, slice(0, kn))[0, :, kn:]  # (K*Nw, nW*Nv)
@@ -270,7 +277,7 @@ class AttentionMapper:
             return self.model.encoder[i], i
         return self.model.decoder[i - n_enc], n_enc - 2 - (i - n_enc)
 
-    def compute(self, volume: Volume, point: Sequence[float], *, ijk: bool = False, stage: str = "encoder0", block: int = 0,
+    def compute(self, volume: Volume, point: Sequence[float], *, ijk: bool = False, stage: str = "encoder0", block: int = 1,
                 levels: bool = False, progress: ProgressCallback | None = None,
                 cancel: threading.Event | None = None) -> AttentionMap:
         """The attention map of ``point`` (RAS mm, or (i, j, k) = (x, y, z) indices of ``volume`` with ``ijk``).
@@ -321,9 +328,8 @@ class AttentionMapper:
         image = torch.from_numpy(np.pad(prepared.array, pad, constant_values=air))
         tokens = np.array(cfg.token_grid(resolution_index))
         factor = roi // tokens  # voxels per token
-        block_module = stage_module.blocks[block]
-        layout = _WindowLayout(block_module)
-        recorder = _Recorder(stage_module, block, layout)
+        recorder = _Recorder(stage_module, block)
+        layout = recorder.layout
         bank_mode = self.segmenter.bank_mode
         model = self.model
         stage_name = stage
@@ -351,7 +357,7 @@ class AttentionMapper:
                     if progress is not None:
                         elapsed = time.perf_counter() - t0
                         progress(Progress(1, 1, i + 1, len(starts) + 1, elapsed, elapsed / (i + 1) * (len(starts) - i)))
-                gamma_bank = writers[-1].gamma if block == 0 else None
+                gamma_bank = writers[-1].gamma if block == 1 else None
             start = starts[point_crop]
             t_point = np.floor((p - start) / factor).astype(int)
             rec = recorder.start(tuple(int(v) for v in t_point), writers=False)
@@ -373,18 +379,19 @@ class AttentionMapper:
         add_tokens(maps["local"], start, rec.alpha_u)
         grid_obj = model.grid
         cell_weights = np.zeros(grid_obj.num_cells)
-        if rec.alpha_v is not None and rec.alpha_v.size:
+        if rec.alpha_v is not None and rec.alpha_v.size and rec.beta is not None:
+            source_layout = recorder.source_layout
             nv = rec.alpha_v.size
             nwin = stage_module.windows
             kn = rec.beta.shape[1] - nwin * nv
             win_w = (rec.alpha_v[:, None] * rec.beta[:, kn:]).sum(0).reshape(nwin, nv)  # (nW, Nv)
-            add_tokens(maps["crop"], start, _window_weighted(win_w, rec.eps, layout))
+            add_tokens(maps["crop"], start, _window_weighted(win_w, rec.eps, source_layout))
             if kn:
                 k = len(rec.cells)
                 nw = kn // k
                 read = np.zeros((grid_obj.num_cells, nw))
                 read[rec.cells] += (rec.alpha_v[:, None] * rec.beta[:, :kn]).sum(0).reshape(k, nw)
-                gamma = rec.gamma if block > 0 else gamma_bank
+                gamma = rec.gamma if block > 1 else gamma_bank
                 source = read.reshape(-1) @ gamma if gamma is not None else read.reshape(-1)
                 source = source.reshape(grid_obj.num_cells, nw)
                 cell_weights = source.sum(1)
@@ -395,7 +402,7 @@ class AttentionMapper:
                     win_w = np.zeros((nwin, nv))
                     for kappa, cell in enumerate(w.cells):
                         win_w += np.einsum("i,iwj->wj", source[cell] / written[cell], w.delta[kappa])
-                    add_tokens(maps["volume"], wstart, _window_weighted(win_w, w.eps, layout))
+                    add_tokens(maps["volume"], wstart, _window_weighted(win_w, w.eps, source_layout))
                 for cell in np.flatnonzero((written == 0) & (cell_weights > 0)):
                     _spread_over_cell(maps["volume"], cell, cell_weights[cell], grid_obj, padded, front, shape)
 

@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point", required=True, metavar="X,Y,Z", help="the point: RAS millimetres (Slicer's coordinates), or indices with --ijk")
     p.add_argument("--ijk", action="store_true", help="--point gives voxel indices (i, j, k) of the input")
     p.add_argument("--stage", default="encoder0", help="encoder0..encoder3 or decoder0..decoder2 (default encoder0, the paper's figure)")
-    p.add_argument("--block", type=int, default=0, help="block of the stage (default 0)")
+    p.add_argument("--block", type=int, default=1, help="block of the stage (default 1; at block 0 the window tokens hold only "
+                   "their learned seed, so the map is local)")
     p.add_argument("-o", "--output", required=True, metavar="HEAT.nii.gz", help="the heat map (0..1) on the input's grid")
     p.add_argument("--png", metavar="FIGURE.png", help="also a three-plane figure (PNG, PDF or SVG) like the paper's Fig. 4")
     p.add_argument("--levels", action="store_true", help="also write the local, crop and volume terms (<name>_local.nii.gz, ...)")

@@ -659,7 +659,7 @@ class FINESegmentationLogicCore:
 
     # ---------------------------------------------------------------- attention maps
 
-    def startAttentionMap(self, volume: Volume, point_ras: Sequence[float], *, stage: str = "encoder0", block: int = 0,
+    def startAttentionMap(self, volume: Volume, point_ras: Sequence[float], *, stage: str = "encoder0", block: int = 1,
                           model: str | None = None, device: str = "auto", bank: str = "accumulate", fast: bool = False,
                           cancel: threading.Event | None = None) -> Job:
         """Queue an attention map on the worker thread; the job's result is an ``AttentionMap``."""
@@ -670,7 +670,7 @@ class FINESegmentationLogicCore:
         """Show a finished map in the scene (GUI thread); see :func:`show_attention_map`."""
         return show_attention_map(amap, volumeNode, nodes, opacity)
 
-    def attentionMap(self, volumeNode, point, *, stage: str = "encoder0", block: int = 0, model: str | None = None,
+    def attentionMap(self, volumeNode, point, *, stage: str = "encoder0", block: int = 1, model: str | None = None,
                      device: str = "auto", bank: str = "accumulate", fast: bool = False, nodes: AttentionNodes | None = None,
                      opacity: float = 0.6, progress: Callable[[Any], None] | None = None,
                      cancel: threading.Event | None = None) -> tuple[Any, AttentionNodes]:
