@@ -332,7 +332,6 @@ class AttentionMapper:
         layout = recorder.layout
         bank_mode = self.segmenter.bank_mode
         model = self.model
-        stage_name = stage
 
         def positions(start: np.ndarray) -> Tensor:
             return torch.tensor((2 * start + roi - padded) / 2, dtype=torch.float32, device=device)[None]
@@ -378,6 +377,7 @@ class AttentionMapper:
 
         add_tokens(maps["local"], start, rec.alpha_u)
         grid_obj = model.grid
+        boundaries = _cell_boundaries(grid_obj, padded, front)  # network-grid indices (y list, x list)
         cell_weights = np.zeros(grid_obj.num_cells)
         if rec.alpha_v is not None and rec.alpha_v.size and rec.beta is not None:
             source_layout = recorder.source_layout
@@ -404,7 +404,7 @@ class AttentionMapper:
                         win_w += np.einsum("i,iwj->wj", source[cell] / written[cell], w.delta[kappa])
                     add_tokens(maps["volume"], wstart, _window_weighted(win_w, w.eps, source_layout))
                 for cell in np.flatnonzero((written == 0) & (cell_weights > 0)):
-                    _spread_over_cell(maps["volume"], cell, cell_weights[cell], grid_obj, padded, front, shape)
+                    _spread_over_cell(maps["volume"], cell, cell_weights[cell], grid_obj, boundaries, front, shape)
 
         # shares on the network grid, then back to the input grid
         crop_sl = tuple(slice(int(a), int(a + r)) for a, r in zip(start, roi))
@@ -436,10 +436,9 @@ class AttentionMapper:
         corners_ras = np.array([_index_to_ras(grid_net, c) for c in corners_idx])
         axes = np.array(grid_net.GetDirection()).reshape(3, 3) * _LPS_TO_RAS[:, None]
         spacing_net = np.array(grid_net.GetSpacing())  # (x, y, z)
-        boundaries = _cell_boundaries(grid_obj, padded, front)  # network-grid indices (y list, x list)
         planes = _boundary_planes(boundaries, shape, grid_net)
         report = {
-            "stage": stage_name, "block": block, "bank": bank_mode, "crops": len(starts), "point_crop": point_crop,
+            "stage": stage, "block": block, "bank": bank_mode, "crops": len(starts), "point_crop": point_crop,
             "network_shape_zyx": shape.tolist(), "timings_s": {"passes": round(t_passes, 3), "total": round(time.perf_counter() - t_start, 3)},
             "shares": {k: round(v, 4) for k, v in shares.items()}, "device": str(device),
         }
@@ -449,7 +448,7 @@ class AttentionMapper:
             shares=shares,
             point_ras=tuple(float(v) for v in point_ras[:3]),
             point_ijk=tuple(float(v) for v in point_ijk),
-            stage=stage_name,
+            stage=stage,
             block=block,
             bank=bank_mode,
             crop_center_ras=tuple(float(v) for v in corners_ras.mean(0)),
@@ -497,9 +496,11 @@ def _cell_boundaries(grid, padded: np.ndarray, front: np.ndarray) -> tuple[list[
     return edges[0], edges[1]
 
 
-def _spread_over_cell(target: np.ndarray, cell: int, mass: float, grid, padded: np.ndarray, front: np.ndarray, shape: np.ndarray) -> None:
-    """Spread ``mass`` evenly over the cell's footprint (in-plane square, all slices) inside the volume."""
-    ys, xs = _cell_boundaries(grid, padded, front)
+def _spread_over_cell(target: np.ndarray, cell: int, mass: float, grid, boundaries: tuple[list[float], list[float]],
+                      front: np.ndarray, shape: np.ndarray) -> None:
+    """Spread ``mass`` evenly over the cell's footprint (in-plane square, all slices) inside the volume;
+    ``boundaries`` are the cell edges from :func:`_cell_boundaries`."""
+    ys, xs = boundaries
     iy, ix = divmod(int(cell), grid.grid[1])
     lo = [front[1] + ys[iy] + 0.5, front[2] + xs[ix] + 0.5]
     hi = [front[1] + ys[iy + 1] + 0.5, front[2] + xs[ix + 1] + 0.5]
