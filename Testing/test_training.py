@@ -117,6 +117,24 @@ def test_case_metrics_dice_and_hd95_in_millimetres():
     assert "| Method | HD95 (mm) | DSC | Sp |" in markdown_table([perfect]), "shaped like the paper's Table 1"
 
 
+def test_case_metrics_count_voxels_given_to_the_partner_organ():
+    ref = np.zeros((10, 40, 40), np.uint8)
+    ref[2:8, 5:15, 5:15] = 2  # right kidney
+    ref[2:8, 5:15, 25:35] = 3  # left kidney
+    ref[2:8, 20:30, 5:15] = 5  # liver
+    pred = ref.copy()
+    pred[2:8, 5:15, 25:30] = 2  # half of the left kidney called right
+    g = Geometry(spacing=(1.0, 1.0, 2.0))
+    m = case_metrics(Volume(pred, g), Volume(ref, g))
+    assert m["left kidney"]["swapped"] == pytest.approx(0.5)
+    assert m["right kidney"]["swapped"] == 0.0 and m["liver"]["swapped"] == 0.0
+    assert "swapped" not in m.get("aorta", {"dice": 0}) and "spleen" not in m, "only organs in the reference, partners only"
+    e = Evaluation("x", {"a": m})
+    assert e.organ_mean("left kidney", "swapped") == pytest.approx(0.5)
+    assert "LKi as RKi 50.00%" in e.swaps()
+    assert e.mean("dice") < 1.0, "the swapped half also costs Dice"
+
+
 def test_phantom_command_writes_a_dataset(tmp_path):
     from FINESegmentationLib.cli import main
 

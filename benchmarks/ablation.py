@@ -1,11 +1,13 @@
 """The demo model's accuracy on held-out phantoms, and the paper's ablation (Table 3 in spirit).
 
 Evaluates trained checkpoints on a labelled dataset: no tokens / window tokens /
-window + volume tokens, and for the last one the stateless and accumulate banks.
-Also splits Dice by the phantoms' off-centre flag and reports the kidneys, the cases
-where global position matters. Writes ablation.json and ablation.md (atomically).
+window + volume tokens, and for the last one the stateless and accumulate banks
+(``--product`` adds the shipped options: ``--largest-component`` and ``--tta``).
+Also splits Dice by the phantoms' off-centre flag and reports the organs only context
+tells apart: the share of each kidney's reference voxels labelled as the other kidney,
+and of spleen as liver and back. Writes ablation.json and ablation.md (atomically).
 
-    python benchmarks/ablation.py --data DATA --full M1.pt --window M2.pt --none M3.pt [--out benchmarks]
+    python benchmarks/ablation.py --data DATA --full M1.pt --window M2.pt --none M3.pt [--product] [--out benchmarks]
 """
 from __future__ import annotations
 
@@ -49,21 +51,27 @@ def main() -> None:
     ap.add_argument("--none", required=True, help="no tokens checkpoint")
     ap.add_argument("--out", default=str(Path(__file__).parent))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--product", action="store_true", help="also the full model with --largest-component, and with --tta too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = [
-        ("no tokens (nnFormer-like)", args.none, "stateless"),
-        ("window tokens", args.window, "stateless"),
-        ("window + volume tokens, stateless bank", args.full, "stateless"),
-        ("window + volume tokens, accumulate bank", args.full, "accumulate"),
+        ("no tokens (nnFormer-like)", args.none, "stateless", {}),
+        ("window tokens", args.window, "stateless", {}),
+        ("window + volume tokens, stateless bank", args.full, "stateless", {}),
+        ("window + volume tokens, accumulate bank", args.full, "accumulate", {}),
     ]
+    if args.product:
+        runs += [
+            ("accumulate, --largest-component", args.full, "accumulate", {"largest_component": True}),
+            ("accumulate, --tta --largest-component", args.full, "accumulate", {"largest_component": True, "tta": True}),
+        ]
     info = json.loads((Path(args.data) / "dataset.json").read_text()).get("phantom_info", {})
     off = sorted(c for c, i in info.items() if i.get("off_centre"))
     centred = sorted(c for c, i in info.items() if not i.get("off_centre"))
     results, timings = [], {}
-    for name, model, bank in runs:
+    for name, model, bank, options in runs:
         t0 = time.perf_counter()
-        seg = Segmenter(model, device="cpu", bank=bank)
+        seg = Segmenter(model, device="cpu", bank=bank, **options)
         results.append(evaluate(seg, args.data, name=name, progress=False))
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"{name}: mean Dice {results[-1].mean('dice'):.4f} ({timings[name]} s)", flush=True)
@@ -76,6 +84,14 @@ def main() -> None:
             f"| {e.name} | {100 * _subset_mean(e, off, organs):.1f} | {100 * _subset_mean(e, centred, organs):.1f} | "
             f"{100 * e.organ_mean('right kidney', 'dice'):.1f} | {100 * e.organ_mean('left kidney', 'dice'):.1f} | "
             f"{100 * e.organ_mean('spleen', 'dice'):.1f} | {100 * e.organ_mean('liver', 'dice'):.1f} |")
+    swap_rows = ["| Method | RKi as LKi | LKi as RKi | Sp as Li | Li as Sp | cases with any kidney voxel swapped | same, off-centre cases |",
+                 "|---|---|---|---|---|---|---|"]
+    kidneys = ("right kidney", "left kidney")
+    for e in results:
+        any_swap = [c for c, m in e.cases.items() if any(m.get(k, {}).get("swapped", 0) > 0 for k in kidneys)]
+        swap_rows.append(
+            f"| {e.name} | " + " | ".join(f"{100 * e.organ_mean(o, 'swapped'):.2f}" for o in ("right kidney", "left kidney", "spleen", "liver"))
+            + f" | {len(any_swap)} of {len(e.cases)} | {len([c for c in any_swap if c in off])} of {len(off)} |")
     hd_rows = ["| Method | " + " | ".join(SHORT[o] for o in organs) + " |", "|---" * (len(organs) + 1) + "|"]
     for e in results:
         hd_rows.append(f"| {e.name} | " + " | ".join(f"{e.organ_mean(o, 'hd95'):.1f}" for o in organs) + " |")
@@ -94,6 +110,10 @@ def main() -> None:
         "Where global position matters (Dice %):",
         "",
         *split_rows,
+        "",
+        "Organs only context tells apart: share of the reference voxels labelled as the partner organ (%):",
+        "",
+        *swap_rows,
         "",
         "Evaluation time per configuration (s): " + ", ".join(f"{k}: {v}" for k, v in timings.items()),
     ])

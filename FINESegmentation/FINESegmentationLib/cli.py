@@ -258,6 +258,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                           largest_component=args.largest_component)
     result = evaluate(segmenter, args.data, args.cases, args.label_map, name=args.name, progress=not args.quiet)
     print(markdown_table([result]))
+    if result.swaps():
+        print(result.swaps())
     if result.missed:
         print(f"({result.missed} organ(s) present in the reference were missed entirely: Dice 0, HD95 undefined.)")
     if args.csv:
@@ -408,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", choices=["accumulate", "stateless"], default="accumulate",
                    help="volume-token bank: accumulate over the volume in two passes (default) or start every crop afresh")
     p.add_argument("--fast", action="store_true", help="less crop overlap (0.25 instead of 0.5): about 2-3x fewer crops")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average the 8 mirrored versions of each crop")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average each crop over +-10 degree in-plane rotations and 0.9/1.1 scalings (5x slower)")
     p.add_argument("--largest-component", action="store_true", help="keep only each organ's largest connected component")
     p.add_argument("--format", choices=["seg.nrrd", "nii.gz"], default="seg.nrrd", help="Slicer segmentation (default) or NIfTI label map")
     p.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (<name>_probabilities.nii.gz)")

@@ -5,6 +5,12 @@ Per case and organ: Dice, and the 95th-percentile Hausdorff distance in mm (MONA
 reference is left out of that case's averages (MONAI's ``ignore_empty``); an organ
 present in the reference but missed entirely gets Dice 0 and no HD95 (undefined),
 and is counted in ``missed``.
+
+For the organs that only context tells apart (the two kidneys, mirror images told
+apart by their side of the body; spleen and liver, of similar intensity) each case
+also records ``swapped``: the fraction of the organ's reference voxels that the
+prediction gave to its partner. Dice mixes that error with boundary errors; this
+isolates it.
 """
 from __future__ import annotations
 
@@ -21,11 +27,18 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from .labels import ORGANS
 from .volume import Volume
 
+# Organs that context alone tells apart: each one's partner.
+CONFUSABLE = {"right kidney": "left kidney", "left kidney": "right kidney", "spleen": "liver", "liver": "spleen"}
+
+_LABEL = {o.name: o.label for o in ORGANS}
+
 SHORT = {"spleen": "Sp", "right kidney": "RKi", "left kidney": "LKi", "gallbladder": "Gb", "liver": "Li", "stomach": "St", "aorta": "Ao", "pancreas": "Pa"}
 
 
 def case_metrics(prediction: Volume, reference: Volume) -> dict[str, dict[str, float]]:
-    """{organ: {"dice": ..., "hd95": ...}} for the organs present in ``reference`` (same grid)."""
+    """{organ: {"dice": ..., "hd95": ...}} for the organs present in ``reference`` (same grid);
+    the organs in ``CONFUSABLE`` also get ``swapped`` (fraction of their reference voxels
+    labelled as their partner)."""
     if prediction.shape != reference.shape:
         raise ValueError("Prediction and reference must lie on the same grid.")
     spacing = tuple(reversed(reference.geometry.spacing))  # (z, y, x) like the arrays
@@ -43,6 +56,10 @@ def case_metrics(prediction: Volume, reference: Volume) -> dict[str, dict[str, f
                 warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
                 hd = float(compute_hausdorff_distance(pred, gt, include_background=True, percentile=95, spacing=spacing)[0, 0])
         out[organ.name] = {"dice": dice, "hd95": hd}
+        partner = CONFUSABLE.get(organ.name)
+        if partner is not None:
+            given = prediction.array[reference.array == organ.label]
+            out[organ.name]["swapped"] = float(np.count_nonzero(given == _LABEL[partner])) / given.size
     return out
 
 
@@ -54,13 +71,19 @@ class Evaluation:
     cases: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def organ_mean(self, organ: str, metric: str) -> float:
-        values = [c[organ][metric] for c in self.cases.values() if organ in c and not math.isnan(c[organ][metric])]
+        values = [c[organ][metric] for c in self.cases.values() if metric in c.get(organ, {}) and not math.isnan(c[organ][metric])]
         return float(np.mean(values)) if values else float("nan")
 
     def mean(self, metric: str) -> float:
         values = [self.organ_mean(o.name, metric) for o in ORGANS]
         values = [v for v in values if not math.isnan(v)]
         return float(np.mean(values)) if values else float("nan")
+
+    def swaps(self) -> str:
+        """One line: the mean share of each confusable organ given to its partner (%)."""
+        parts = [f"{SHORT[o]} as {SHORT[p]} {100 * self.organ_mean(o, 'swapped'):.2f}%" for o, p in CONFUSABLE.items()
+                 if not math.isnan(self.organ_mean(o, "swapped"))]
+        return "Reference voxels labelled as the partner organ: " + ", ".join(parts) if parts else ""
 
     @property
     def missed(self) -> int:
@@ -85,13 +108,16 @@ def markdown_table(evaluations: list[Evaluation]) -> str:
 def per_case_csv(evaluation: Evaluation) -> str:
     buf = _io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["case", "organ", "dice", "hd95_mm"])
+    w.writerow(["case", "organ", "dice", "hd95_mm", "swapped_to_partner"])
     for case, organs in sorted(evaluation.cases.items()):
         for organ, m in organs.items():
-            w.writerow([case, organ, f"{m['dice']:.4f}", "" if math.isnan(m["hd95"]) else f"{m['hd95']:.2f}"])
+            w.writerow([case, organ, f"{m['dice']:.4f}", "" if math.isnan(m["hd95"]) else f"{m['hd95']:.2f}",
+                        f"{m['swapped']:.5f}" if "swapped" in m else ""])
     for o in ORGANS:
-        w.writerow(["mean", o.name, f"{evaluation.organ_mean(o.name, 'dice'):.4f}", f"{evaluation.organ_mean(o.name, 'hd95'):.2f}"])
-    w.writerow(["mean", "all", f"{evaluation.mean('dice'):.4f}", f"{evaluation.mean('hd95'):.2f}"])
+        swapped = evaluation.organ_mean(o.name, "swapped")
+        w.writerow(["mean", o.name, f"{evaluation.organ_mean(o.name, 'dice'):.4f}", f"{evaluation.organ_mean(o.name, 'hd95'):.2f}",
+                    "" if math.isnan(swapped) else f"{swapped:.5f}"])
+    w.writerow(["mean", "all", f"{evaluation.mean('dice'):.4f}", f"{evaluation.mean('hd95'):.2f}", ""])
     return buf.getvalue()
 
 
