@@ -153,3 +153,5 @@ def test_cli_evaluate_prints_the_table_and_writes_the_csv(tmp_path, phantoms, ti
     assert code == 0 and "| tiny |" in out and "HD95" in out, "a Table-1-shaped row per model"
     rows = csv_path.read_text().splitlines()
     assert rows[0].startswith("case") and any(r.startswith("phantom_000") for r in rows), "per-case metrics as CSV"
+    assert rows[0].endswith("swapped_to_partner") and any(r.startswith("phantom_000,left kidney,") and not r.endswith(",") for r in rows)
+    assert "Reference voxels labelled as the partner organ: RKi as LKi" in out

@@ -255,7 +255,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .io import write_text_atomically
 
     segmenter = Segmenter(model=args.model, device=args.device, bank=args.bank, fast=args.fast,
-                          largest_component=args.largest_component)
+                          largest_component=args.largest_component, tta=args.tta)
     result = evaluate(segmenter, args.data, args.cases, args.label_map, name=args.name, progress=not args.quiet)
     print(markdown_table([result]))
     if result.swaps():
@@ -482,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="write per-case and mean metrics as CSV")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--largest-component", action="store_true", help="keep only each organ's largest connected component")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation, as in segment (5x slower)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="segment a synthetic phantom with the bundled demo model and score it")
