@@ -185,7 +185,12 @@ class _CropPredictor:
         self.padded = torch.tensor(padded, dtype=torch.float32)
         self.bank = bank
         self.fill_bank = fill_bank
-        self.variants = TTA_VARIANTS if segmenter.tta and not fill_bank else TTA_VARIANTS[:1]
+        # Each variant's warp and its inverse (None for the identity), once: every crop has the crop size.
+        self.warps: list[tuple[torch.Tensor, torch.Tensor] | None] = [None]
+        if segmenter.tta and not fill_bank:
+            for degrees, scale in TTA_VARIANTS[1:]:
+                theta = _tta_matrix(degrees, scale, tuple(segmenter.info.config.crop_size))
+                self.warps.append((theta, torch.cat([torch.linalg.inv(theta[:, :3]), torch.zeros(3, 1)], dim=1)))
         self.autocast = segmenter.autocast_dtype
         self.tick = tick
         self.cancel = cancel
@@ -204,21 +209,19 @@ class _CropPredictor:
         state = self.bank.for_batch(b) if self.bank is not None else None
         probs = None
         with torch.autocast(patches.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            for degrees, scale in self.variants:
-                theta = None if (degrees, scale) == (0.0, 1.0) else _tta_matrix(degrees, scale, tuple(patches.shape[2:]))
-                x = patches if theta is None else _warp(patches, theta)
+            for warp in self.warps:
+                x = patches if warp is None else _warp(patches, warp[0])
                 out = self.model(x, positions, state)
                 if self.fill_bank:
                     self.bank.merge(out.state)
                     self.tick(b)
                     return torch.zeros_like(patches[:, :1])
                 p = torch.softmax(out.logits.float(), dim=1)
-                if theta is not None:  # back onto the crop's own voxels
-                    inverse = torch.cat([torch.linalg.inv(theta[:, :3]), torch.zeros(3, 1)], dim=1)
-                    p = _warp(p, inverse)
+                if warp is not None:  # back onto the crop's own voxels
+                    p = _warp(p, warp[1])
                 probs = p if probs is None else probs + p
         self.tick(b)
-        return probs / len(self.variants)
+        return probs / len(self.warps)
 
 
 class Segmenter:
