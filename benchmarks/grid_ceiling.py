@@ -28,12 +28,12 @@ for lab in sorted(glob.glob(str(Path(sys.argv[1]) / "labelsTr" / "*.nii.gz"))):
     direction = np.array(img.GetDirection()).reshape(3, 3)
     origin = np.array(img.GetOrigin()) + direction @ ((target - spacing) / 2)
     arr = sitk.GetArrayFromImage(img).astype(np.int64)
+    sig = [max(0.0, (t - s) / 2.355) for t, s in zip(target, spacing)]  # FWHM of the spacing change
     probs = []
     grid = None
     for c in range(9):
         oh = sitk.GetImageFromArray((arr == c).astype(np.float32)); oh.CopyInformation(img)
         # area-like downsampling: smooth by the spacing ratio, then sample
-        sig = [max(0.0, (t - s) / 2.355) for t, s in zip(target, spacing)]
         oh = sitk.SmoothingRecursiveGaussian(oh, sig) if max(sig) > 0 else oh
         r = sitk.Resample(oh, [int(s) for s in size], sitk.Transform(), sitk.sitkLinear, origin.tolist(), target.tolist(), img.GetDirection(), 1.0 if c == 0 else 0.0, sitk.sitkFloat32)
         probs.append(sitk.GetArrayFromImage(r)); grid = r

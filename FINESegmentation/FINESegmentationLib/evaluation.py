@@ -24,13 +24,11 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
-from .labels import ORGANS
+from .labels import ORGAN_BY_NAME, ORGANS
 from .volume import Volume
 
 # Organs that context alone tells apart: each one's partner.
 CONFUSABLE = {"right kidney": "left kidney", "left kidney": "right kidney", "spleen": "liver", "liver": "spleen"}
-
-_LABEL = {o.name: o.label for o in ORGANS}
 
 SHORT = {"spleen": "Sp", "right kidney": "RKi", "left kidney": "LKi", "gallbladder": "Gb", "liver": "Li", "stomach": "St", "aorta": "Ao", "pancreas": "Pa"}
 
@@ -59,7 +57,7 @@ def case_metrics(prediction: Volume, reference: Volume) -> dict[str, dict[str, f
         partner = CONFUSABLE.get(organ.name)
         if partner is not None:
             given = prediction.array[reference.array == organ.label]
-            out[organ.name]["swapped"] = float(np.count_nonzero(given == _LABEL[partner])) / given.size
+            out[organ.name]["swapped"] = float(np.count_nonzero(given == ORGAN_BY_NAME[partner].label)) / given.size
     return out
 
 
@@ -81,8 +79,8 @@ class Evaluation:
 
     def swaps(self) -> str:
         """One line: the mean share of each confusable organ given to its partner (%)."""
-        parts = [f"{SHORT[o]} as {SHORT[p]} {100 * self.organ_mean(o, 'swapped'):.2f}%" for o, p in CONFUSABLE.items()
-                 if not math.isnan(self.organ_mean(o, "swapped"))]
+        shares = {o: self.organ_mean(o, "swapped") for o in CONFUSABLE}
+        parts = [f"{SHORT[o]} as {SHORT[CONFUSABLE[o]]} {100 * v:.2f}%" for o, v in shares.items() if not math.isnan(v)]
         return "Reference voxels labelled as the partner organ: " + ", ".join(parts) if parts else ""
 
     @property
