@@ -283,7 +283,7 @@ def test_cli_refine_errors_exit_1_with_one_sentence_and_write_nothing(cli_case, 
 
 
 def test_markups_negative_by_description_and_ras_files(tmp_path):
-    from FINESegmentationLib.io import read_markups_points
+    from FINESegmentationLib.markups import read_markups_points
 
     path = _markups(tmp_path / "p.mrk.json", [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], descriptions=["", "Negative"], system="RAS")
     points, positive = read_markups_points(path)

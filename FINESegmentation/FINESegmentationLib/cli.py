@@ -310,7 +310,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
     from .errors import InputError
-    from .io import _normalised_name, check_output_path, read_markups_points, read_segmentation, read_volume, volume_to_sitk, write_segmentation
+    from .io import _normalised_name, check_output_path, read_segmentation, read_volume, volume_to_sitk, write_segmentation
+    from .markups import read_markups_points
     from .labels import ORGANS
     from .volume import Volume
 
