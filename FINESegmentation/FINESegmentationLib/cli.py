@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .cli_clicks import add_litemedsam_train
 from .errors import FINEError
 
 # nnFormer's published size on Synapse (Zhou et al., nnFormer, Table of model complexity).
@@ -545,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the table as markdown")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_refiner_evaluate)
+
+    add_litemedsam_train(sub)
 
     p = sub.add_parser("configs", help="list model configs: parameter counts and the paper's eq. 2 attention cost")
     p.add_argument("names", nargs="*", help="configs to show (default: all)")

@@ -1,0 +1,137 @@
+"""Click fine-tuning of LiteMedSAM: simulated clicks, the click weights file, one training step, the CLI's refusals."""
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from FINESegmentationLib.checkpoints import sha256_of
+from FINESegmentationLib.cli import main
+from FINESegmentationLib.errors import CheckpointError
+from FINESegmentationLib.refiner.litemedsam.build import load_litemedsam
+from FINESegmentationLib.refiner.litemedsam.click_weights import load_litemedsam_clicks, save_click_weights
+from FINESegmentationLib.refiner.litemedsam.clicks import jittered_box, training_click, uniform_click
+from FINESegmentationLib.refiner.litemedsam.slice_cache import CacheSource, build_cache
+from FINESegmentationLib.refiner.litemedsam.training import ClickTrainer, ClickTrainSettings
+from FINESegmentationLib.resources import models_dir
+from FINESegmentationLib.volume import Geometry, Volume
+
+
+def _disk(shape, centre, radius):
+    y, x = np.ogrid[: shape[0], : shape[1]]
+    return (y - centre[0]) ** 2 + (x - centre[1]) ** 2 <= radius**2
+
+
+def test_deepest_click_is_positive_at_the_centre_of_a_missed_region_and_negative_in_a_false_positive():
+    target = _disk((64, 64), (32, 32), 20)
+    missed = np.zeros_like(target)
+    missed[22:43, 22:43] = True  # a 21 x 21 square inside the organ, centre (32, 32)
+    prediction = target & ~missed
+    x, y, label = training_click(prediction, target, np.random.default_rng(0), deepest_share=1.0)
+    assert (label, x, y) == (1, 32, 32), "a click in a false negative is positive and at the missed square's deepest point"
+    extra = _disk((64, 64), (8, 56), 5) & ~target
+    x, y, label = training_click(target | extra, target, np.random.default_rng(0), deepest_share=1.0)
+    assert label == 0 and extra[int(y), int(x)] and (x, y) == (56, 8), "a click in a false positive is negative and at its deepest point"
+
+
+def test_uniform_clicks_stay_inside_the_error_and_take_its_sign():
+    target = _disk((64, 64), (32, 32), 20)
+    prediction = _disk((64, 64), (32, 40), 20)  # misses the left part, adds on the right
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        x, y, label = uniform_click(prediction, target, rng)
+        assert prediction[int(y), int(x)] != target[int(y), int(x)], "a uniform click lies in the error region"
+        assert label == int(target[int(y), int(x)]), "positive in a false negative, negative in a false positive"
+    assert training_click(target, target, rng) is None, "an exact prediction gets no click"
+
+
+def test_jittered_box_stays_near_the_organ_and_inside_the_image():
+    target = _disk((64, 64), (32, 32), 10)
+    for seed in range(20):
+        box = jittered_box(target, np.random.default_rng(seed), limits=(64, 64))
+        assert np.all(np.abs(box - [22, 22, 42, 42]) <= 2.1) and box[0] <= box[2] and box[1] <= box[3], \
+            "each side moves by at most 10% of the box's size and the corners stay ordered"
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    return load_litemedsam()[0]
+
+
+@pytest.fixture()
+def registered_clicks(tmp_path, monkeypatch, base_model):
+    """A registry with the bundled LiteMedSAM and a click weights file whose decoder differs from it."""
+    models = tmp_path / "Resources" / "Models"
+    models.mkdir(parents=True)
+    base_file = models_dir() / "litemedsam.pt"
+    (models / "litemedsam.pt").symlink_to(base_file)
+    tuned = copy.deepcopy(base_model)
+    torch.nn.init.constant_(tuned.mask_decoder.iou_token.weight, 0.25)
+    sha = save_click_weights(tuned, models / "clicks.pt", sha256_of(base_file), {"description": "test"})
+    registry = json.loads((models_dir() / "models.json").read_text())
+    registry["models"] = [m for m in registry["models"] if m["name"] == "litemedsam"] + [
+        {"name": "litemedsam-clicks", "kind": "refiner-2d-clicks", "file": "clicks.pt", "sha256": sha, "description": "test"}]
+    (models / "models.json").write_text(json.dumps(registry))
+    monkeypatch.setenv("FINESEG_RESOURCES", str(tmp_path / "Resources"))
+    return models / "clicks.pt"
+
+
+def test_click_weights_load_over_the_base_model_and_a_tampered_file_is_refused(registered_clicks):
+    model, path = load_litemedsam_clicks()
+    assert torch.all(model.mask_decoder.iou_token.weight == 0.25), "the registered click weights replace the base decoder's"
+    data = bytearray(registered_clicks.read_bytes())
+    data[-100] ^= 0xFF
+    registered_clicks.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as refused:
+        load_litemedsam_clicks()
+    message = str(refused.value)
+    assert "SHA256" in message and "\n" not in message and message.endswith("."), "a tampered file is refused in one sentence"
+
+
+def _small_ct() -> tuple[Volume, Volume]:
+    """Two 96 x 96 slices at 2 mm: a soft-tissue body with a bright disk organ (label 1) and a dark one (label 5)."""
+    hu = np.full((2, 96, 96), -1000.0, np.float32)
+    body = _disk((96, 96), (48, 48), 44)
+    labels = np.zeros((2, 96, 96), np.uint8)
+    labels[:, _disk((96, 96), (40, 30), 10)] = 1
+    labels[:, _disk((96, 96), (55, 62), 14)] = 5
+    hu[:, body] = 20.0
+    hu[labels == 1] = 180.0
+    hu[labels == 5] = 80.0
+    geometry = Geometry(spacing=(2.0, 2.0, 5.0))
+    return Volume(hu, geometry), Volume(labels, geometry)
+
+
+def test_one_training_step_lowers_the_loss_on_its_batch(tmp_path, base_model):
+    image, labels = _small_ct()
+    cache = build_cache([("small", image, labels)], tmp_path / "cache", base_model, CacheSource(("small",), None, "test"), progress=False)
+    assert len(cache) == 2 and {o for _, o in cache.samples} == {1, 5}, "both slices and both organs are cached"
+    settings = ClickTrainSettings(data="", out="", batch_size=4, lr=1e-4, warmup=1, first_prompt_share=1.0)
+    trainer = ClickTrainer(base_model, cache, settings)
+    before = trainer.step(0)["loss"]
+    after = trainer.step(0)["loss"]  # the same seed: the same samples and prompts
+    assert after < before, f"a step lowers the loss on the batch it trained on ({before:.4f} -> {after:.4f})"
+
+
+def test_litemedsam_train_refuses_bad_options_in_one_sentence(tmp_path, capsys):
+    data = tmp_path / "data"
+    out = tmp_path / "run"
+    cases = [
+        (["--data", str(data), "--out", str(out), "--steps", "0"], "--steps must be at least 1"),
+        (["--data", str(data), "--out", str(out), "--lr", "-1"], "--lr must be a positive"),
+        (["--data", str(data), "--out", str(out)], "does not exist"),
+        (["--data", str(data), "--out", str(out), "--resume"], "to resume from"),
+    ]
+    for argv, expected in cases:
+        assert main(["litemedsam-train", *argv]) == 1, f"{argv} exits with status 1"
+        err = capsys.readouterr().err.strip()
+        assert expected in err and err.count("\n") == 0, f"{argv} is refused in one sentence: {err!r}"
+        assert not out.exists(), f"{argv} writes nothing"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"x")
+    assert main(["litemedsam-train", "--data", str(data), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--resume" in err and err.count("\n") == 0, "an existing checkpoint is not overwritten without --resume"
+    shutil.rmtree(out)
