@@ -93,7 +93,7 @@ CLICKS_VAL ?= data/synth-val
 litemedsam-clicks: $(STAMP)
 	$(MAKE) synth-data
 	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg litemedsam-train --data $(CLICKS_TRAIN) --val-data $(CLICKS_VAL) --out $(CLICKS_RUN) \
-		--max-cases 30 --slices-per-organ 4 --steps 400 --batch-size 8 --lr 1e-4 --seed 0 \
+		--max-cases 30 --slices-per-organ 3 --steps 400 --batch-size 8 --lr 1e-4 --seed 0 \
 		--description "LiteMedSAM prompt encoder + mask decoder fine-tuned for clicks, boxes and mask prompts on axial slices of 30 synthetic CT volumes around real organ label maps (fine-seg synth, seed 0); image encoder as published; not for clinical use"
 	OMP_NUM_THREADS=1 $(PY) benchmarks/litemedsam_clicks.py --val-data $(CLICKS_VAL) --weights $(CLICKS_RUN)/litemedsam-clicks.pt --cache $(CLICKS_RUN)/cache
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ...labels import ORGAN_BY_LABEL
 from ..clicks import deepest_click
 from .build import LiteMedSAM
-from .clicks import mask_box
+from .predictor import mask_box
 from .slice_cache import SliceCache
 
 

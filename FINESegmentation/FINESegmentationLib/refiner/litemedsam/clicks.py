@@ -14,16 +14,11 @@ import numpy as np
 from scipy import ndimage
 
 from ..clicks import deepest_click
+from .predictor import mask_box
 
 BOX_JITTER = 0.1  # each box side moves by up to this share of the box's size ...
 BOX_JITTER_MAX = 5.0  # ... and by at most this many pixels (SAM: 20 px at 1024, i.e. 5 at 256)
 INTERIOR_SHARE = 0.3  # uniform clicks fall where the error is at least this share of its deepest point
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    """(x0, y0, x1, y1) pixel bounds (inclusive) of a non-empty 2-D mask."""
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
 
 
 def jittered_box(mask: np.ndarray, rng: np.random.Generator, limits: tuple[int, int] | None = None) -> np.ndarray:
