@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .cli_arguments import Number, NumberList, Parser
 from .errors import FINEError
 
 # nnFormer's published size on Synapse (Zhou et al., nnFormer, Table of model complexity).
@@ -73,16 +74,15 @@ _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 def _expand_inputs(inputs: list[str]) -> list[Path]:
     """Files as given; a folder is one DICOM series, or else every image file inside it."""
-    import SimpleITK as sitk
-
     from .errors import InputError
+    from .io import dicom_series_ids
 
     cases: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
         if not path.exists():
             raise InputError(f"{item} does not exist; give a CT file (NIfTI, NRRD, MHA) or a DICOM folder.")
-        if path.is_dir() and not sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)):
+        if path.is_dir() and not dicom_series_ids(path):
             found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES) and not p.name.lower().endswith(".seg.nrrd"))
             if not found:
                 raise InputError(f"The folder {item} holds neither a DICOM series nor image files (.nii.gz, .nrrd, .mha).")
@@ -170,8 +170,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         t = result.report["timings_s"]
         print(f"{case} -> {target}  ({t['total']:.1f} s on {result.report['device']}, {result.report['bank']} bank, "
               f"{result.report['crops_per_pass']} crops x {result.report['passes']} pass(es))")
-        for warning in result.report["warnings"] + result.report["fallbacks"]:
-            print(f"  warning: {warning}", file=sys.stderr)
     if args.report:
         from .io import write_text_atomically
 
@@ -182,10 +180,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _cmd_attention(args: argparse.Namespace) -> int:
     import json
 
-    from .attention import LEVELS, AttentionMapper, parse_point, write_figure
+    from .attention import LEVELS, AttentionMapper, write_figure
     from .io import IMAGE_WRITE_EXTENSIONS, case_name, check_output_path, read_volume, write_text_atomically, write_volume
 
-    point = parse_point(args.point)
     check_output_path(args.output, IMAGE_WRITE_EXTENSIONS)
     if args.png:
         check_output_path(args.png, (".png", ".pdf", ".svg"))
@@ -195,7 +192,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     mapper = AttentionMapper(args.model, device=args.device, bank=args.bank, fast=args.fast)
     bar = _ProgressBar(case_name(Path(args.input)), not args.quiet)
     try:
-        amap = mapper.compute(volume, point, ijk=args.ijk, stage=args.stage, block=args.block, levels=args.levels, progress=bar)
+        amap = mapper.compute(volume, args.point, ijk=args.ijk, stage=args.stage, block=args.block, levels=args.levels, progress=bar)
     finally:
         bar.close()
     out = Path(args.output)
@@ -394,7 +391,7 @@ def _cmd_refiner_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fine-seg",
         description="FINE transformer segmentation of abdominal CT (spleen, kidneys, gallbladder, liver, stomach, aorta, pancreas).",
     )
@@ -415,13 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["seg.nrrd", "nii.gz"], default="seg.nrrd", help="Slicer segmentation (default) or NIfTI label map")
     p.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (<name>_probabilities.nii.gz)")
     p.add_argument("--report", metavar="REPORT.json", help="write timings, crops, device, precision and peak memory as JSON")
-    p.add_argument("--sw-batch-size", type=int, default=None, help="crops per forward pass (default: 4 on CUDA, 1 on CPU)")
+    p.add_argument("--sw-batch-size", type=Number(int, at_least=1), default=None, help="crops per forward pass (default: 4 on CUDA, 1 on CPU)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("attention", help="attention map from one point: where FINE looked, across the whole volume")
     p.add_argument("input", metavar="INPUT", help="CT file or DICOM series folder")
-    p.add_argument("--point", required=True, metavar="X,Y,Z", help="the point: RAS millimetres (Slicer's coordinates), or indices with --ijk")
+    p.add_argument("--point", required=True, metavar="X,Y,Z", type=NumberList(3, "a point", "-100,50,120"),
+                   help="the point: RAS millimetres (Slicer's coordinates, negatives as typed), or indices with --ijk")
     p.add_argument("--ijk", action="store_true", help="--point gives voxel indices (i, j, k) of the input")
     p.add_argument("--stage", default="encoder0", help="encoder0..encoder3 or decoder0..decoder2 (default encoder0, the paper's figure)")
     p.add_argument("--block", type=int, default=1, help="block of the stage (default 1; at block 0 the window tokens hold only "
@@ -452,15 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="fine-tiny", help="fine-tiny, fine-small or fine-base")
     p.add_argument("--no-window-tokens", action="store_true", help="ablation: no window tokens (and so no volume tokens)")
     p.add_argument("--no-volume-tokens", action="store_true", help="ablation: window tokens only")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
-    p.add_argument("--batch-size", type=int, default=2, help="crops per iteration and process")
+    p.add_argument("--epochs", type=Number(int, at_least=1), default=10)
+    p.add_argument("--iterations", type=Number(int, at_least=1), default=100, help="iterations per epoch")
+    p.add_argument("--batch-size", type=Number(int, at_least=1), default=2, help="crops per iteration and process")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd: the paper's (momentum 0.99, Nesterov); adamw")
-    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (1e-2 suits sgd, about 1e-3 adamw)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=Number(above=0), default=1e-2, help="learning rate (1e-2 suits sgd, about 1e-3 adamw)")
+    p.add_argument("--seed", type=Number(int, at_least=0), default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--target-spacing", type=float, nargs=3, default=[3.0, 3.0, 6.0], metavar=("X", "Y", "Z"), help="mm")
-    p.add_argument("--bank-probability", type=float, default=0.5, help="share of iterations that start from a carried bank")
+    p.add_argument("--target-spacing", type=NumberList(3, "a spacing", "3,3,6", positive=True), default=(3.0, 3.0, 6.0),
+                   metavar="X,Y,Z", help="mm (commas or spaces)")
+    p.add_argument("--bank-probability", type=Number(at_least=0, at_most=1), default=0.5, help="share of iterations that start from a carried bank")
     p.add_argument("--label-map", default="identity", help="bcv, identity, or pairs like 6:5,7:6 (file value:organ value)")
     p.add_argument("--hold-out", nargs="*", metavar="CASE", help="case ids kept out of training")
     p.add_argument("--resume", help="continue from a checkpoint_latest.pt")
@@ -509,13 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset folder: nnU-Net / MSD (imagesTr, labelsTr) or BCV (img, label)")
     p.add_argument("--out", required=True, help="folder for refiner.pt and training_log.csv")
     p.add_argument("--config", default="refiner-tiny", help="refiner-tiny (CPU) or refiner-base (the paper's size)")
-    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--steps", type=Number(int, at_least=1), default=700)
     p.add_argument("--batch-size", type=int, default=4, help="crops of one organ per step (at least 2: they are each other's memory)")
-    p.add_argument("--iterations", type=int, default=4, help="decoder passes per crop: the initial prompt, then one click more each")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--crops-per-organ", type=int, default=2, help="randomly shifted crops per organ and case")
-    p.add_argument("--memory-probability", type=float, default=0.5, help="share of steps that train with in-batch memory")
+    p.add_argument("--iterations", type=Number(int, at_least=1), default=4, help="decoder passes per crop: the initial prompt, then one click more each")
+    p.add_argument("--lr", type=Number(above=0), default=1e-3)
+    p.add_argument("--seed", type=Number(int, at_least=0), default=0)
+    p.add_argument("--crops-per-organ", type=Number(int, at_least=1), default=2, help="randomly shifted crops per organ and case")
+    p.add_argument("--memory-probability", type=Number(at_least=0, at_most=1), default=0.5, help="share of steps that train with in-batch memory")
     p.add_argument("--hold-out", nargs="*", metavar="CASE", help="case ids kept out of training")
     p.add_argument("--description", default="", help="what the refiner is (stored in the checkpoint)")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -536,10 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default=None, help="registered memory name or memory file (default: the refiner's registered memory)")
     p.add_argument("--no-memory", action="store_true", help="evaluate without memory only")
     p.add_argument("--cases", nargs="*", help="case ids to evaluate (default: all)")
-    p.add_argument("--clicks", type=int, default=10)
+    p.add_argument("--clicks", type=Number(int, at_least=0), default=10)
     p.add_argument("--initial", metavar="DIR", help="start from FINE's segmentations in DIR (<case>.nii.gz or .seg.nrrd, "
                    "as fine-seg segment writes them) instead of perturbed reference masks")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial masks and the random clicks")
+    p.add_argument("--seed", type=Number(int, at_least=0), default=0, help="seed of the initial masks and the random clicks")
     p.add_argument("--csv", help="write one row per case, organ, memory mode and click count")
     p.add_argument("--markdown", help="write the table as markdown")
     p.add_argument("-q", "--quiet", action="store_true")
