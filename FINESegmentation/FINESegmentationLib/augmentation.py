@@ -12,7 +12,7 @@ intensity scale/shift by 10% of a unit, noise of up to 0.05 units.
 ``ct``: the variation of real CT from any scanner, protocol and contrast phase:
 
 * geometry: in-plane rotation up to 15 degrees (patient positioning), a tilt out of plane
-  up to 3 degrees (gantry tilt), scaling 0.8-1.25 per axis (body size and habitus);
+  up to 3 degrees (gantry tilt), scaling 0.8-1.2 per axis (body size and habitus);
 * resolution: simulated low resolution (down to half the grid and back: 6 mm in-plane,
   12 mm slices on the default 3 x 3 x 6 mm grid), and reconstruction kernels: Gaussian
   blur (soft kernels) or unsharp masking (sharp ones);
@@ -27,6 +27,8 @@ Then the image is clipped back to the window, as every real scan is at inference
 No mirroring at any strength: left and right kidney differ only by their side of the body.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 from monai.transforms import (
@@ -47,6 +49,10 @@ from .checkpoints import Preprocessing
 from .errors import InputError
 
 STRENGTHS = ("none", "light", "ct")
+
+# A crop of air only (a corner of a volume, the padding of a thin slab) has nothing to shift: MONAI returns it
+# unchanged, which is right, and warns each time.
+warnings.filterwarnings("ignore", message="The image's intensity is a single value", category=UserWarning)
 
 
 def training_augmentation(strength: str, pre: Preprocessing) -> Compose:
