@@ -235,7 +235,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, config=args.config, window_tokens=not args.no_window_tokens,
         volume_tokens=not (args.no_volume_tokens or args.no_window_tokens), epochs=args.epochs,
         iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed, device=args.device,
-        target_spacing=tuple(args.target_spacing), bank_probability=args.bank_probability, label_map=args.label_map,
+        target_spacing=tuple(args.target_spacing), bank_probability=args.bank_probability, augment=args.augment,
+        fov_probability=args.fov_probability, label_map=args.label_map,
         validation_cases=args.hold_out or [], resume=args.resume, init=args.init, progress=not args.quiet, description=args.description,
     )
     path = train(settings)
@@ -460,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-spacing", type=NumberList(3, "a spacing", "3,3,6", positive=True), default=(3.0, 3.0, 6.0),
                    metavar="X,Y,Z", help="mm (commas or spaces)")
     p.add_argument("--bank-probability", type=Number(at_least=0, at_most=1), default=0.5, help="share of iterations that start from a carried bank")
+    p.add_argument("--augment", choices=["none", "light", "ct"], default="ct",
+                   help="augmentation: ct (default: intensity, contrast, noise, blur/sharpen, low resolution, rotation, tilt, "
+                   "scaling of real CT), light (the demo model's: rotation, scaling, small intensity changes) or none")
+    p.add_argument("--fov-probability", type=Number(at_least=0, at_most=1), default=0.5,
+                   help="share of samples cut from a random partial field of view (slab, tight or off-centre) of their case")
     p.add_argument("--label-map", default="identity", help="bcv, identity, or pairs like 6:5,7:6 (file value:organ value)")
     p.add_argument("--hold-out", nargs="*", metavar="CASE", help="case ids kept out of training")
     p.add_argument("--resume", help="continue from a checkpoint_latest.pt")
