@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ...errors import InputError
+from ...io import case_name
 
 SPLIT_SEED = 12
 VALIDATION_SIZE = 7
@@ -33,11 +34,8 @@ COARSE_MM = 3.0  # the analysis grid's in-plane step
 
 
 def map_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    """``label0001`` for ``.../label0001.nii.gz``."""
+    return case_name(path)
 
 
 def list_maps(folder: str | Path) -> list[Path]:

@@ -25,15 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ...labels import ORGAN_BY_NAME
+from ..phantoms import AORTA, LEFT_KIDNEY, LIVER, RIGHT_KIDNEY, SPLEEN, STOMACH, _Body, _Ellipsoid, _Tube
 from .anatomy import Coarse
 from .canvas import Canvas
 
-AORTA = ORGAN_BY_NAME["aorta"].label
-LIVER = ORGAN_BY_NAME["liver"].label
-SPLEEN = ORGAN_BY_NAME["spleen"].label
-STOMACH = ORGAN_BY_NAME["stomach"].label
-KIDNEYS = (ORGAN_BY_NAME["right kidney"].label, ORGAN_BY_NAME["left kidney"].label)
+KIDNEYS = (RIGHT_KIDNEY, LEFT_KIDNEY)
 N_THETA = 180
 _F32 = np.float32
 
@@ -92,6 +88,12 @@ class BodyPlan:
     heart_centre: np.ndarray
     heart_radii: np.ndarray
     iliac_crest_z: float
+    hip_z: float  # femoral heads' centre, below the bifurcation
+    hip_dx: float
+    hip_front: float
+    hip_r: float
+    gluteal_mm: float
+    arms: tuple | None = None  # (radius, gap to the flank, y offset) when the arms lie by the sides
 
     def at(self, name: str, z: np.ndarray) -> np.ndarray:
         """A per-slice quantity (e.g. 'spine_x') at heights ``z`` (held constant beyond the map)."""
@@ -105,18 +107,11 @@ class BodyPlan:
         w = (k - k0)[:, None]
         return ((1 - w) * self.r_cavity[k0] + w * self.r_cavity[k1]).astype(_F32)
 
-    def muscle_thickness(self, theta: np.ndarray, notches: bool = True) -> np.ndarray:
-        """Rectus in front, thicker flanks, paraspinal mass behind; notches at the linea alba and semilunar lines."""
-        front, back = _angle_from(theta, -math.pi / 2), _angle_from(theta, math.pi / 2)
-        t = self.muscle_mm * (1.0 + 0.5 * np.cos(theta) ** 2)
-        if notches:
-            t = t * (1.0 - 0.45 * np.exp(-(((front - 0.62) / 0.08) ** 2)))
-            t = t * (1.0 - 0.75 * np.exp(-((front / 0.035) ** 2)))
-        return (t + self.paraspinal_mm * np.exp(-((back / 0.5) ** 2))).astype(_F32)
-
-    def fat_thickness(self, theta: np.ndarray) -> np.ndarray:
-        # More subcutaneous fat over the belly and flanks than over the back.
-        return (self.fat_mm * (1.0 + 0.35 * np.maximum(-np.sin(theta), 0.0) + 0.15 * np.cos(2 * theta))).astype(_F32)
+    # The phantoms' wall: rectus in front with notches at the linea alba and semilunar lines, thicker
+    # flanks, the paraspinal mass behind; more subcutaneous fat over the belly and flanks than the back.
+    muscle_thickness = _Body.muscle_thickness
+    fat_thickness = _Body.fat_thickness
+    oblique_region = _Body.oblique_region
 
     def outer_extent(self) -> tuple[np.ndarray, np.ndarray]:
         """Per slice, the body's (x_min, y_min) and (x_max, y_max) in mm: [z, 2] each."""
@@ -221,14 +216,15 @@ def plan_body(coarse: Coarse, rng: np.random.Generator) -> BodyPlan:
         rib_end_angle=np.array([2.9] * 7 + [2.75, 2.6, 2.35, 1.9, 1.4]) + u(-0.1, 0.1, 12),
         vertebra_pitch=u(29, 36), disc_mm=u(6, 10), vertebra_phase=u(0, 36), canal_mm=u(7, 9.5),
         cortex_mm=u(1.2, 2.2), heart_centre=np.zeros(3), heart_radii=np.array([u(55, 70), u(45, 55), u(48, 60)]),
-        iliac_crest_z=z_bif - u(5, 30),
+        iliac_crest_z=z_bif - u(5, 30), hip_z=z_bif - u(150, 185), hip_dx=u(80, 95), hip_front=u(25, 45),
+        hip_r=u(21, 26), gluteal_mm=u(25, 50),
     )
     lo, hi = plan.outer_extent()
     # The patient lies on the table: the back is pressed onto it (soft tissue spreads to reach it, the
     # most posterior levels are flattened by it), leaving at most a small lordotic gap.
     back = hi[:, 1]
     plan.table_y = float(np.percentile(back, 60) + u(0, 4))
-    gap = np.clip(plan.table_y - back - u(0, 10), 0.0, 45.0)
+    gap = np.clip(plan.table_y - back - u(0, 8), 0.0, 80.0)
     plan.back_extra = ndimage.gaussian_filter1d(gap, 20.0 / dz, mode="nearest")
     _plan_diaphragm(plan, coarse, rng)
     # The 12th rib's spinal end lies by the kidneys' upper poles (lower lobe of the liver without kidneys).
@@ -239,6 +235,8 @@ def plan_body(coarse: Coarse, rng: np.random.Generator) -> BodyPlan:
     else:
         z12 = float(z[0]) - 100.0
     plan.rib_top_z = z12 + 7 * plan.rib_pitch
+    if rng.random() < 0.15:  # arms down by the sides (trauma, PET-CT), in view of a wide field
+        plan.arms = (u(38, 52), u(5, 30), u(-10, 30))
     return plan
 
 
@@ -289,11 +287,18 @@ def paint_wall(canvas: Canvas, plan: BodyPlan, hu: dict[str, float], table_x: fl
     """Table, skin, fat, muscle wall (with ribs and iliac wings), cavity fat and the thorax base."""
     nz = canvas.shape[0]
     theta_tab = (-math.pi + (np.arange(4 * N_THETA) + 0.5) * 2 * math.pi / (4 * N_THETA)).astype(_F32)
-    muscle_tab = plan.muscle_thickness(theta_tab)
-    fat_tab = plan.muscle_thickness(theta_tab, notches=False) + plan.fat_thickness(theta_tab)
-    flank_tab = (_angle_from(theta_tab, -math.pi / 2) > 0.72) & (_angle_from(theta_tab, math.pi / 2) > 0.9)
+    muscle_tab = plan.muscle_thickness(theta_tab).astype(_F32)
+    fat_tab = (plan.muscle_thickness(theta_tab, notches=False) + plan.fat_thickness(theta_tab)).astype(_F32)
+    flank_tab = plan.oblique_region(theta_tab)
     back_tab = _back_weight(theta_tab)
     back_all = plan.at("back_extra", canvas.qz)
+    lo, hi = plan.outer_extent()
+    side_x = np.stack([np.interp(canvas.qz, plan.z, lo[:, 0]), np.interp(canvas.qz, plan.z, hi[:, 0])], 1).astype(_F32)
+    # Gluteal muscles: posterolateral bulk of the wall below the iliac crest.
+    glute_tab = np.exp(-(((_angle_from(theta_tab, math.pi / 2) - 1.1) / 0.45) ** 2)).astype(_F32)
+    glute_all = (plan.gluteal_mm * np.clip((plan.iliac_crest_z - canvas.qz) / 60.0, 0.0, 1.0)).astype(_F32)
+    if not plan.bifurcation_in_map:
+        glute_all[:] = 0.0
     r_all = plan.cavity_radius(canvas.qz)
     cx_all, cy_all = plan.at("cx", canvas.qz), plan.at("cy", canvas.qz)
     lowest_rib = plan.rib_top_z - (len(plan.rib_end_angle) - 1) * plan.rib_pitch - plan.rib_drop
@@ -319,6 +324,9 @@ def paint_wall(canvas: Canvas, plan: BodyPlan, hu: dict[str, float], table_x: fl
         del fb, i0, i1, w, rho
         t_muscle, fat_end, flank = muscle_tab[fine_bin], fat_tab[fine_bin], flank_tab[fine_bin]
         fat_end = fat_end + back_all[z0:z1, None, None] * back_tab[fine_bin]
+        if glute_all[z0:z1].any():
+            glute = glute_all[z0:z1, None, None] * glute_tab[fine_bin]
+            t_muscle, fat_end = t_muscle + glute, fat_end + glute
         on_table = qy > plan.table_y
 
         # Scanner table: carbon shell and foam core, curved, centred on the scanner's axis.
@@ -338,6 +346,8 @@ def paint_wall(canvas: Canvas, plan: BodyPlan, hu: dict[str, float], table_x: fl
         # Fat planes between the three flank muscles.
         planes = (np.abs(out - 0.36 * t_muscle) < 0.8) | (np.abs(out - 0.68 * t_muscle) < 0.8)
         hu_c[muscle & planes & flank] = hu["subcutaneous_fat"]
+        if plan.arms is not None:
+            _paint_arms(plan, hu, hu_c, body, qx, qy, qz, z0, z1, side_x)
         cavity = out < 0
         canvas.cavity[z0:z1] = cavity
         np.maximum(-out, 0.0, out=canvas.cavity_depth[z0:z1])
@@ -350,6 +360,21 @@ def paint_wall(canvas: Canvas, plan: BodyPlan, hu: dict[str, float], table_x: fl
             _paint_ribs(plan, hu, hu_c, out, theta, qz)
         if float(qz.min()) < plan.iliac_crest_z and plan.bifurcation_in_map:
             _paint_iliac(plan, hu, hu_c, out, theta, qz)
+
+
+def _paint_arms(plan, hu, hu_c, body, qx, qy, qz, z0, z1, side_x) -> None:
+    """Upper arms beside the flanks: skin, fat, muscle and a humerus (outside the trunk only)."""
+    radius, gap, dy = plan.arms
+    cy = np.interp(qz.ravel(), plan.z, plan.cy).astype(_F32)[:, None, None] + dy
+    for a, sign in ((0, -1.0), (1, 1.0)):
+        cx = side_x[z0:z1, a][:, None, None] + sign * (gap + radius)
+        d = np.hypot(qx - cx, (qy - cy) * 1.2)
+        arm = (d < radius) & ~body & (qy < plan.table_y)
+        hu_c[arm] = hu["skin"]
+        hu_c[arm & (d < radius - 2.0)] = hu["subcutaneous_fat"]
+        hu_c[arm & (d < radius - 10.0)] = hu["muscle"]
+        hu_c[arm & (d < 11.0)] = hu["cortical_bone"]
+        hu_c[arm & (d < 7.0)] = hu["visceral_fat"]  # marrow
 
 
 def _paint_thorax(plan, hu, hu_c, cavity, qx, qy, qz) -> None:
@@ -477,4 +502,39 @@ def paint_spine(canvas: Canvas, plan: BodyPlan, hu: dict[str, float]) -> None:
     hu_b[canal & free] = hu["csf"]
     hu_b[column & ~in_body & free] = hu["disc"]
     hu_b[column & in_body & free] = hu["cancellous_bone"]
+    hu_b[cortical & free] = hu["cortical_bone"]
+
+
+def paint_pelvis(canvas: Canvas, plan: BodyPlan, hu: dict[str, float]) -> None:
+    """Femoral heads, necks and shafts, acetabula, pubic and ischial rami; never over an organ."""
+    if not plan.bifurcation_in_map or float(canvas.qz.min()) > plan.hip_z + plan.hip_r + 40.0:
+        return
+    box = canvas.box((-1e4, -1e4, -1e4), (1e4, 1e4, plan.hip_z + plan.hip_r + 40.0))
+    if box is None:
+        return
+    p = canvas.points(box)
+    sx, sy = float(np.interp(plan.hip_z, plan.z, plan.spine_x)), float(np.interp(plan.hip_z, plan.z, plan.spine_y))
+    r = plan.hip_r
+    cortical = np.zeros(p.shape[1:], bool)
+    bone = np.zeros(p.shape[1:], bool)
+    symphysis = np.array([sx, sy - plan.hip_front - 55.0, plan.hip_z - 25.0])
+    for side in (-1.0, 1.0):
+        c = np.array([sx + side * plan.hip_dx, sy - plan.hip_front, plan.hip_z])
+        parts = [
+            (_Ellipsoid(c, (r, r, r)), 2.5),  # femoral head
+            (_Tube([c, c + [side * 35.0, 5.0, -35.0], c + [side * 42.0, 10.0, -260.0]], [0.6 * r, 15.0, 13.0]), 3.0),
+            (_Tube([c + [-side * 12.0, -12.0, -8.0], symphysis + [side * 8.0, 0.0, 0.0]], [11.0, 9.0]), 2.0),  # pubis
+            (_Tube([c + [-side * 4.0, 10.0, -10.0], c + [-side * 10.0, 28.0, -55.0]], [13.0, 11.0]), 2.5),  # ischium
+        ]
+        for shape, shell in parts:
+            sd = shape.sdf(p)
+            bone |= sd < 0
+            cortical |= (sd < 0) & (sd > -shell)
+        d = np.sqrt(((p - c.astype(np.float32)[:, None, None, None]) ** 2).sum(axis=0))
+        acetabulum = (d > r + 1.5) & (d < r + 7.0) & (side * (p[0] - c[0]) < 8.0)  # the socket's medial rim
+        bone |= acetabulum
+        cortical |= acetabulum & (d < r + 3.5)
+    free = canvas.label[box] == 0
+    hu_b = canvas.hu[box]
+    hu_b[bone & free] = hu["cancellous_bone"]
     hu_b[cortical & free] = hu["cortical_bone"]

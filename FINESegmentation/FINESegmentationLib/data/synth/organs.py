@@ -24,19 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from ...labels import ORGAN_BY_NAME
-from ..phantoms import _Tube
+from ..phantoms import AORTA, GALLBLADDER, LIVER, PANCREAS, SPLEEN, STOMACH, _Tube
 from .anatomy import Coarse
 from .body import KIDNEYS, BodyPlan, _sample_grid
 from .canvas import Canvas
 from .intensities import SmoothField
 
-SPLEEN = ORGAN_BY_NAME["spleen"].label
-GALLBLADDER = ORGAN_BY_NAME["gallbladder"].label
-LIVER = ORGAN_BY_NAME["liver"].label
-STOMACH = ORGAN_BY_NAME["stomach"].label
-AORTA = ORGAN_BY_NAME["aorta"].label
-PANCREAS = ORGAN_BY_NAME["pancreas"].label
 _F32 = np.float32
 
 
@@ -70,6 +63,7 @@ class OrganPlan:
     colon_path: np.ndarray | None = None
     colon_gas: float = 0.5
     small_bowel_top: float = 0.0
+    bladder: tuple | None = None  # (centre, radii, contrast fraction)
     info: dict = field(default_factory=dict)
 
 
@@ -210,6 +204,10 @@ def plan_organs(coarse: Coarse, body: BodyPlan, rng: np.random.Generator) -> Org
     plan.colon_path = np.array(path)
     pancreas_top = coarse.z_range(PANCREAS)
     plan.small_bowel_top = (pancreas_top[1] if pancreas_top else z_hf) + u(-10, 25)
+    if body.bifurcation_in_map:
+        sx, sy = _line(body, "spine_x", body.hip_z), _line(body, "spine_y", body.hip_z)
+        centre = np.array([sx, sy - body.hip_front - u(55, 75), body.hip_z + u(10, 30)])
+        plan.bladder = (centre, np.array([u(30, 55), u(25, 45), u(25, 45)]), u(0.2, 0.6))
     plan.info = {"kidney_hila": len(hila), "vessels": len(plan.vessels)}
     return plan
 
@@ -286,14 +284,34 @@ def paint_organs(
         _paint_kidney(canvas, value, plan, body, hu, fine)
 
 
-def _paint_stomach(canvas: Canvas, plan: OrganPlan, hu, fine: SmoothField) -> None:
-    box = _label_box(canvas.label, STOMACH)
+@dataclass
+class _Region:
+    """One organ's bounding box on the scan: its mask, HU view, depth below its surface (mm), positions."""
+
+    mask: np.ndarray
+    hu: np.ndarray
+    depth: np.ndarray
+    qx: np.ndarray
+    qy: np.ndarray
+    qz: np.ndarray
+
+
+def _region(canvas: Canvas, value: int) -> _Region | None:
+    box = _label_box(canvas.label, value)
     if box is None:
+        return None
+    m = canvas.label[box] == value
+    return _Region(
+        m, canvas.hu[box], _depth_mm(m, canvas.spacing), canvas.qx[box], canvas.qy[box],
+        np.broadcast_to(canvas.qz3(box), m.shape),
+    )
+
+
+def _paint_stomach(canvas: Canvas, plan: OrganPlan, hu, fine: SmoothField) -> None:
+    r = _region(canvas, STOMACH)
+    if r is None:
         return
-    m = canvas.label[box] == STOMACH
-    hu_b = canvas.hu[box]
-    depth = _depth_mm(m, canvas.spacing)
-    qx, qy, qz = canvas.qx[box], canvas.qy[box], np.broadcast_to(canvas.qz3(box), m.shape)
+    m, hu_b, depth, qx, qy, qz = r.mask, r.hu, r.depth, r.qx, r.qy, r.qz
     lumen = m & (depth >= plan.stomach_wall_mm)
     if plan.oral_contrast is not None:
         content = np.full(int(lumen.sum()), plan.oral_contrast, _F32)
@@ -311,21 +329,20 @@ def _paint_stomach(canvas: Canvas, plan: OrganPlan, hu, fine: SmoothField) -> No
 
 def _paint_kidney(canvas: Canvas, value: int, plan: OrganPlan, body: BodyPlan, hu, fine: SmoothField) -> None:
     """Cortex, pyramids and a sinus (fat, pelvis) opening toward the midline; urine is bright when excreted."""
-    box = _label_box(canvas.label, value)
-    if box is None:
+    r = _region(canvas, value)
+    if r is None:
         return
-    m = canvas.label[box] == value
-    hu_b = canvas.hu[box]
-    depth = _depth_mm(m, canvas.spacing)
-    qx, qy = canvas.qx[box], canvas.qy[box]
-    qz = np.broadcast_to(canvas.qz3(box), m.shape)
+    m, hu_b, depth, qx, qy, qz = r.mask, r.hu, r.depth, r.qx, r.qy, r.qz
     cx, cy, cz = float(qx[m].mean()), float(qy[m].mean()), float(qz[m].mean())
     half_len = max(float(qz[m].max() - qz[m].min()) / 2.0, 10.0)
     ax = _line(body, "aorta_x", cz)
     medial = 1.0 if ax > cx else -1.0
     # The sinus: an ellipsoid near the hilum (medial and a little anterior of the kidney's centre).
-    sx, sy = cx + medial * 12.0, cy - 4.0
-    e = ((qx - sx) / 16.0) ** 2 + ((qy - sy) / 11.0) ** 2 + ((qz - cz) / (0.6 * half_len)) ** 2
+    # Sized by the kidney's in-plane extent: about a third of its width, half its length.
+    width = max(float(np.percentile(qx[m], 95) - np.percentile(qx[m], 5)), 20.0)
+    depth_y = max(float(np.percentile(qy[m], 95) - np.percentile(qy[m], 5)), 20.0)
+    sx, sy = cx + medial * 0.25 * width, cy - 0.08 * depth_y
+    e = ((qx - sx) / (0.32 * width)) ** 2 + ((qy - sy) / (0.25 * depth_y)) ** 2 + ((qz - cz) / (0.5 * half_len)) ** 2
     sinus = m & (e < 1.0) & (depth > 0.6 * plan.kidney_cortex_mm)
     pelvis = sinus & (((qx - sx - medial * 3.0) / 9.0) ** 2 + ((qy - sy) / 6.0) ** 2 + ((qz - cz) / (0.4 * half_len)) ** 2 < 1.0)
     calyces = sinus & (fine.at(qx + 200.0, qy, qz) > 1.0)
@@ -359,13 +376,15 @@ def paint_bowel(canvas: Canvas, plan: OrganPlan, body: BodyPlan, hu: dict[str, f
 
     # Small bowel: the high set of a band-limited field forms packed loops; its rim is the wall.
     f = loops.at(qx, qy, qz) - 2.0 * np.clip((4.0 - room) / 4.0, 0.0, 1.0)
-    t = plan.bowel_fill + 0.6 * density.at(qx, qy, qz)
+    h = density.at(qx, qy, qz)
+    t = plan.bowel_fill + 0.6 * h
     allowed = qz < plan.small_bowel_top
     lumen = allowed & (f > t)
     wall = allowed & (f > t - 0.3) & ~lumen
     g = detail.at(qx, qy, qz)
     if plan.oral_contrast is not None:
-        content = np.where(g > 0.0, plan.oral_contrast, hu["fluid"] + 10.0 * g)
+        # Oral contrast fills whole stretches of bowel (those it has reached), not single voxels.
+        content = np.where(h > -0.3, plan.oral_contrast + 15.0 * g, hu["fluid"] + 10.0 * g)
     else:
         content = hu["fluid"] + 10.0 * g
     values[lumen] = content[lumen]
@@ -387,6 +406,25 @@ def paint_bowel(canvas: Canvas, plan: OrganPlan, body: BodyPlan, hu: dict[str, f
         values[idx[colon]] = colon_values[colon]
     painted = ~np.isnan(values)
     canvas.hu[k[painted], j[painted], i[painted]] = values[painted]
+    if plan.bladder is not None:
+        _paint_bladder(canvas, plan, hu)
+
+
+def _paint_bladder(canvas: Canvas, plan: OrganPlan, hu: dict[str, float]) -> None:
+    """Urine in a thin muscular wall above the pubis; excreted contrast layers at the back when delayed."""
+    centre, radii, layer = plan.bladder
+    box = canvas.box(centre - radii - 3.0, centre + radii + 3.0)
+    if box is None:
+        return
+    p = canvas.points(box)
+    e = np.sqrt(sum(((p[a] - centre[a]) / radii[a]) ** 2 for a in range(3)))
+    free = (canvas.label[box] == 0) & canvas.cavity[box]
+    hu_b = canvas.hu[box]
+    hu_b[free & (e < 1.0)] = hu["muscle"]
+    lumen = free & (e < 1.0 - 3.0 / radii.min())
+    hu_b[lumen] = hu["urine"] if hu["urine"] < 100 else hu["fluid"]
+    if hu["urine"] >= 100:  # excreted contrast is heavier than urine: it lies posterior (dependent)
+        hu_b[lumen & (p[1] > centre[1] + radii[1] * (1.0 - 2.0 * layer))] = hu["urine"]
 
 
 class OrganDistance:

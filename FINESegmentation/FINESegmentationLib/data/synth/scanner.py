@@ -36,6 +36,7 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
+from ..phantoms import AORTA
 from .anatomy import AnatomyMap, Coarse
 from .body import BodyPlan
 from .canvas import Canvas
@@ -43,7 +44,6 @@ from .canvas import Canvas
 FOV_KINDS = ("slab", "abdomen", "chest-pelvis", "cta")
 FOV_WEIGHTS = (0.2, 0.35, 0.25, 0.2)
 KERNELS = {"soft": ((0.7, 1.0), 0.75, 0.25), "standard": ((0.45, 0.7), 1.0, 0.4), "sharp": ((0.25, 0.45), 1.7, 0.7)}
-AORTA = 7
 _F32 = np.float32
 
 
