@@ -75,7 +75,7 @@ demo-refiner: $(STAMP)
 
 # Synthetic CT around the real organ label maps (../shared/data/anatomy-labels): 100 training cases around
 # the 40 training maps (seed 0) and 30 validation cases around the 7 held-out maps (seed 1000), capped at
-# 256 x 256 x 192 voxels. About 3.5 s per case on one core: 8 min in all.
+# 256 x 256 x 192 voxels. 3.5-6.5 s per case on one core (8-14 min in all, depending on the load).
 ANATOMY ?= ../shared/data/anatomy-labels
 SYNTH_TRAIN ?= data/synth-train
 SYNTH_VAL ?= data/synth-val

@@ -5,6 +5,7 @@ The tests build a small anatomy folder in the layout of ../shared/data/anatomy-l
 direction, origin 0, project label values) with ellipsoid organs, and render at a 64-pixel matrix.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +22,10 @@ from FINESegmentationLib.data.synth.scanner import resample_labels
 from FINESegmentationLib.data.synth.anatomy import AnatomyMap
 from FINESegmentationLib.errors import InputError
 from FINESegmentationLib.io import read_volume
-from FINESegmentationLib.labels import ORGAN_BY_NAME
+from FINESegmentationLib.labels import CLASS_NAMES, ORGAN_BY_NAME
 
 SMALL = dict(in_plane=64, max_slices=40)
+ALL_MAPS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "anatomy-labels"
 L = {name: o.label for name, o in ORGAN_BY_NAME.items()}
 SPACING = (3.0, 3.0, 5.0)
 SHAPE_ZYX = (48, 128, 128)
@@ -233,6 +235,8 @@ def test_cli_writes_a_dataset_that_the_dataset_reader_reads(anatomy_dir, tmp_pat
     found = find_cases(out)
     info = json.loads((out / "synth_info.json").read_text())
     assert [c.case_id for c in found] == sorted(info), "dataset.json and synth_info.json list the same cases"
+    labels = json.loads((out / "dataset.json").read_text())["labels"]
+    assert labels == {name: i for i, name in enumerate(CLASS_NAMES)}, "dataset.json names the project's labels"
     for c in found:
         image, label = read_volume(c.image), read_volume(c.label, kind="label")
         assert image.shape == label.shape
@@ -265,8 +269,3 @@ def test_an_output_path_that_is_a_file_is_refused(anatomy_dir, tmp_path):
     target.write_text("x")
     with pytest.raises(InputError, match="existing file"):
         write_synth_dataset(target, 1, anatomy_dir=anatomy_dir, **SMALL)
-
-
-from pathlib import Path  # noqa: E402
-
-ALL_MAPS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "anatomy-labels"
