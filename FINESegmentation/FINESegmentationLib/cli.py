@@ -228,6 +228,22 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from .data.synth import write_synth_dataset
+
+    start = time.perf_counter()
+    write_synth_dataset(
+        args.out, args.cases, args.seed, anatomy_dir=args.anatomy, split=args.split, phases=args.phase,
+        fovs=args.fov, in_plane=args.in_plane, max_slices=args.max_slices, first_index=args.first_index,
+        progress=not args.quiet,
+    )
+    print(f"Wrote {args.cases} synthetic CT case(s) around the {args.split} anatomy maps to {args.out} "
+          f"(nnU-Net layout, synth_info.json) in {time.perf_counter() - start:.0f} s.")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training import TrainSettings, train
 
@@ -444,6 +460,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-index", type=int, default=0, help="index of the first case (to extend a dataset)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_phantom)
+
+    from .data.synth.generator import DEFAULT_ANATOMY, DEFAULT_IN_PLANE, DEFAULT_MAX_SLICES
+    from .data.synth.intensities import PHASES
+    from .data.synth.scanner import FOV_KINDS
+
+    p = sub.add_parser("synth", help="generate synthetic CT around real organ label maps (nnU-Net layout + synth_info.json)")
+    p.add_argument("--anatomy", default=str(DEFAULT_ANATOMY), help="folder of organ label maps (default: %(default)s)")
+    p.add_argument("--out", required=True, help="dataset folder to write (imagesTr/, labelsTr/, dataset.json, synth_info.json)")
+    p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("train", "val"), default="train", help="which anatomy maps: training or the held-out validation maps")
+    p.add_argument("--phase", nargs="+", choices=PHASES, help="contrast phases to draw from (default: all)")
+    p.add_argument("--fov", nargs="+", choices=FOV_KINDS, help="fields of view to draw from (default: all)")
+    p.add_argument("--in-plane", type=int, default=DEFAULT_IN_PLANE, help="largest in-plane matrix; larger scans get coarser pixels (default: %(default)s)")
+    p.add_argument("--max-slices", type=int, default=DEFAULT_MAX_SLICES, help="largest slice count; longer scans get thicker slices (default: %(default)s)")
+    p.add_argument("--first-index", type=int, default=0, help="index of the first case (to extend a dataset)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("train", help="train a FINE model (one process, or many under torchrun)")
     p.add_argument("--data", required=True, help="dataset folder: nnU-Net / MSD (imagesTr, labelsTr) or BCV (img, label)")
