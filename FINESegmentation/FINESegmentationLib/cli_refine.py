@@ -7,6 +7,7 @@ segment). Like every subcommand, errors a user can cause end in one sentence (``
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _refiner_predictor(args: argparse.Namespace):
@@ -109,6 +110,9 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         return 0
     from .refiner.litemedsam.predictor import SlicePredictor
 
+    if len(points):
+        print("fine-seg: warning: LiteMedSAM's decoder is not trained on clicks yet; on the real CT of README one click after "
+              "a box lowered the kidneys' Dice from 0.91-0.93 to 0.48-0.50, so prefer a box.", file=sys.stderr)
     predictor = SlicePredictor(model=args.model)
     predictor.set_volume(volume)
     result = predictor.predict(box=box, points=points if len(points) else None, labels=positive.astype(int) if len(points) else None,
