@@ -46,7 +46,7 @@ from .slices import CT_WINDOW, SliceFrame, SliceInput
 
 @dataclass(frozen=True)
 class PropagationSettings:
-    """How a prompt spreads from slice to slice (the defaults are the values measured best in README)."""
+    """How a prompt spreads from slice to slice (README measures the defaults against variants on a real CT)."""
 
     box_margin_mm: float = 5.0
     mask_prompt: bool = False
@@ -239,6 +239,7 @@ class SlicePredictor:
         current = self.frame.to_frame(previous).copy()
         result = Prediction(mask=previous)
         for k, rect, z_range, on_slice, on_labels in anchors:
+            settle = rect is None  # clicks correct the segment locally; a box redraws the organ
             if rect is None:
                 rect = self.enlarged_box(current[k])
             if rect is None:
@@ -247,7 +248,6 @@ class SlicePredictor:
                     "(LiteMedSAM answers boxes; clicks alone give nothing until its click-trained decoder exists)."
                 )
             answer = self.predict_slice(k, rect, on_slice, on_labels)
-            settle = z_range is None and current.any()  # clicks correct the segment locally
             before = current.copy()
             current[k] = answer.mask
             result.prompted.append(k)

@@ -132,10 +132,3 @@ class SliceInput:
         """Model-input logits (B, 1, 256, 256) -> slice logits (B, H, W)."""
         x = logits[..., : self.new_height, : self.new_width]
         return F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False)[:, 0]
-
-    def mask_logits(self, mask: np.ndarray, magnitude: float = 8.0) -> torch.Tensor:
-        """A slice mask (H, W) bool -> (1, 1, 256, 256) logits (+-``magnitude``) for the prompt encoder's mask input."""
-        x = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-        x = F.interpolate(x, size=(self.new_height, self.new_width), mode="bilinear", align_corners=False)
-        x = F.pad((2 * x - 1) * magnitude, (0, IMAGE_SIZE - self.new_width, 0, IMAGE_SIZE - self.new_height), value=-magnitude)
-        return x
