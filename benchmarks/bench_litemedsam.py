@@ -24,7 +24,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +83,6 @@ def main() -> int:
     from FINESegmentationLib.refiner.litemedsam.build import SOURCE_SHA256, build_litemedsam
     from FINESegmentationLib.refiner.litemedsam.predictor import PropagationSettings, SlicePredictor
     from FINESegmentationLib.refiner.litemedsam.refine_all import DEFAULT_MARGIN_MM, refine_all
-    from FINESegmentationLib.volume import Volume
 
     torch.set_num_threads(args.threads)
     data = Path(args.data)
