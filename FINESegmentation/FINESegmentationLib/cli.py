@@ -14,6 +14,7 @@ from typing import Callable
 
 from . import __version__
 from .cli_arguments import Number, NumberList, Parser
+from .cli_refine import add_refiner_commands
 from .errors import FINEError
 
 # nnFormer's published size on Synapse (Zhou et al., nnFormer, Table of model complexity).
@@ -61,7 +62,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     registry = read_registry()
     if not registry:
         print("No models are registered.")
-    refiners = {**read_registry(kind="refiner"), **read_registry(kind="refiner-memory")}
+    refiners = {**read_registry(kind="refiner"), **read_registry(kind="refiner-memory"), **read_registry(kind="refiner-2d")}
     for entry in [*registry.values(), *refiners.values()]:
         state = "present" if entry.path.is_file() else "missing"
         kind = "" if entry.kind == "fine" else f"[{entry.kind}] "
@@ -140,6 +141,26 @@ class _ProgressBar:
             self.bar.close()
 
 
+class _SliceBar:
+    """tqdm over the slices refine-all redraws."""
+
+    def __init__(self, name: str, enabled: bool) -> None:
+        self.name, self.enabled, self.bar = name, enabled, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.name, unit="slice", file=sys.stderr, dynamic_ncols=True, disable=None)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     import json
 
@@ -151,25 +172,30 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     extension = ".seg.nrrd" if args.format == "seg.nrrd" else ".nii.gz"
     outputs = _output_paths(cases, args.output, extension)
     segmenter = Segmenter(model=args.model, device=args.device, bank=args.bank, fast=args.fast, tta=args.tta,
-                          largest_component=args.largest_component, sw_batch_size=args.sw_batch_size)
+                          largest_component=args.largest_component, sw_batch_size=args.sw_batch_size, refine_all=args.refine_all)
     reports, failures = [], 0
     for case, target in zip(cases, outputs):
         probs = target.with_name(case_name(target) + "_probabilities.nii.gz") if args.probabilities else None
         bar = _ProgressBar(case_name(case), not args.quiet)
+        refine_bar = _SliceBar(f"{case_name(case)} refine-all", not args.quiet and args.refine_all)
         try:
-            result = segmenter.segment_file(case, target, probabilities_path=probs, progress=bar)
+            result = segmenter.segment_file(case, target, probabilities_path=probs, progress=bar, refine_progress=refine_bar)
         except FINEError as exc:
             bar.close()
+            refine_bar.close()
             if len(cases) == 1:
                 raise
             print(f"fine-seg: error: {case}: {exc}", file=sys.stderr)
             failures += 1
             continue
         bar.close()
+        refine_bar.close()
         reports.append(result.report)
         t = result.report["timings_s"]
+        refined = result.report.get("refine_all")
+        refined = f", refine-all {refined['slices']} slices in {refined['total_s']:.1f} s" if refined else ""
         print(f"{case} -> {target}  ({t['total']:.1f} s on {result.report['device']}, {result.report['bank']} bank, "
-              f"{result.report['crops_per_pass']} crops x {result.report['passes']} pass(es))")
+              f"{result.report['crops_per_pass']} crops x {result.report['passes']} pass(es){refined})")
     if args.report:
         from .io import write_text_atomically
 
@@ -312,101 +338,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refiner_predictor(args: argparse.Namespace):
-    from .refiner.predictor import DEFAULT_MEMORY, RefinerPredictor
-
-    memory = None if args.no_memory else (args.memory or DEFAULT_MEMORY)
-    return RefinerPredictor(model=args.model, memory=memory)
-
-
-def _cmd_refine(args: argparse.Namespace) -> int:
-    import numpy as np
-    import SimpleITK as sitk
-
-    from .errors import InputError
-    from .io import _normalised_name, check_output_path, read_markups_points, read_segmentation, read_volume, volume_to_sitk, write_segmentation
-    from .labels import ORGANS
-    from .volume import Volume
-
-    output = check_output_path(args.output)
-    volume = read_volume(args.input)
-    labels = read_segmentation(args.seg)
-    organ = next((o for o in ORGANS if _normalised_name(o.name) == _normalised_name(args.segment)), None)
-    if organ is None:
-        raise InputError(f"There is no segment named '{args.segment}'; name one of: {', '.join(o.name for o in ORGANS)}.")
-    if labels.shape != volume.shape or not labels.geometry.allclose(volume.geometry):
-        # Slicer saves segmentations cropped to their extent: bring the labels onto the CT's grid.
-        reference = volume_to_sitk(Volume(np.zeros(volume.shape, np.uint8), volume.geometry))
-        moved = sitk.Resample(volume_to_sitk(labels), reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        labels = Volume(sitk.GetArrayFromImage(moved), volume.geometry)
-    segment = labels.array == organ.label
-    if not segment.any():
-        raise InputError(f"The segment '{organ.name}' in {args.seg} is empty inside the volume; segment it first, then refine it with clicks.")
-    points, positive = read_markups_points(args.points)
-    predictor = _refiner_predictor(args)
-    predictor.set_volume(volume, segment)
-    result = predictor.predict(points, positive.astype(int), use_memory=predictor.has_memory)
-    refined = labels.array.copy()
-    inside = refined[result.box]
-    inside[(inside == organ.label) & ~result.mask] = 0
-    inside[result.mask] = organ.label
-    write_segmentation(Volume(refined, volume.geometry), output)
-    changed = int((segment[result.box] != result.mask).sum())
-    memory = f"memory {predictor.memory_name}" if result.used_memory else "no memory"
-    print(f"Refined '{organ.name}' with {len(points)} click(s) ({int(positive.sum())} positive, {int((~positive).sum())} negative; {memory}): "
-          f"{changed} voxel(s) changed, predicted IoU {result.iou:.2f}, "
-          f"{1000 * (predictor.timings['total_s'] + result.timings['total_s']):.0f} ms -> {output}")
-    return 0
-
-
-def _cmd_refiner_train(args: argparse.Namespace) -> int:
-    from .refiner.training import RefinerTrainSettings, train_refiner
-    from .checkpoints import sha256_of
-
-    path = train_refiner(RefinerTrainSettings(
-        data=args.data, out=args.out, config=args.config, steps=args.steps, batch_size=args.batch_size, iterations=args.iterations,
-        lr=args.lr, seed=args.seed, crops_per_organ=args.crops_per_organ, memory_probability=args.memory_probability,
-        validation_cases=args.hold_out or [], description=args.description, progress=not args.quiet,
-    ))
-    print(f"Trained refiner: {path} (sha256 {sha256_of(path)})")
-    return 0
-
-
-def _cmd_refiner_memory(args: argparse.Namespace) -> int:
-    from .io import check_output_path
-    from .refiner.build import load_refiner
-    from .refiner.memory import memory_from_dataset
-
-    output = check_output_path(args.output, (".pt",))
-    model, metadata, entry = load_refiner(args.model)
-    memory = memory_from_dataset(model, args.data, args.cases, args.description, entry.name if entry else str(args.model), progress=not args.quiet)
-    sha = memory.save(output)
-    print(f"Memory of {len(memory)} labelled example(s) -> {output} ({output.stat().st_size / 2**20:.1f} MB, sha256 {sha})")
-    return 0
-
-
-def _cmd_refiner_evaluate(args: argparse.Namespace) -> int:
-    from .io import check_output_path, write_text_atomically
-    from .refiner.evaluation import click_curves
-
-    for target in (args.csv, args.markdown):
-        if target:
-            check_output_path(target, (".csv", ".md"))
-    predictor = _refiner_predictor(args)
-    modes = (False, True) if predictor.has_memory else (False,)
-    curves = click_curves(predictor, args.data, args.cases, args.clicks, modes, args.seed, progress=not args.quiet, initial=args.initial)
-    table = curves.markdown()
-    if curves.missed:
-        table += f"\n\n{len(curves.missed)} organ(s) had an empty initial segment (nothing to refine): " + \
-            ", ".join(f"{organ} in {case}" for case, organ in curves.missed) + "."
-    print(table)
-    if args.csv:
-        write_text_atomically(args.csv, curves.csv())
-    if args.markdown:
-        write_text_atomically(args.markdown, table + "\n")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="fine-seg",
@@ -426,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="less crop overlap (0.25 instead of 0.5): about 2-3x fewer crops")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average each crop over +-10 degree in-plane rotations and 0.9/1.1 scalings (5x slower)")
     p.add_argument("--largest-component", action="store_true", help="keep only each organ's largest connected component")
+    p.add_argument("--refine-all", action="store_true", help="then redraw every organ slice by slice with LiteMedSAM from its own "
+                   "boxes (about 2 s per slice with organs on one CPU core; see README)")
     p.add_argument("--format", choices=["seg.nrrd", "nii.gz"], default="seg.nrrd", help="Slicer segmentation (default) or NIfTI label map")
     p.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (<name>_probabilities.nii.gz)")
     p.add_argument("--report", metavar="REPORT.json", help="write timings, crops, device, precision and peak memory as JSON")
@@ -532,57 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case", type=int, default=0, help="which phantom of the demo series")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("refine", help="refine one segment with clicks (Memorizing-SAM refiner)")
-    p.add_argument("input", metavar="INPUT", help="the CT the segmentation belongs to")
-    p.add_argument("--seg", required=True, help="segmentation (.seg.nrrd or label map) holding the segment")
-    p.add_argument("--segment", required=True, help="name of the segment to refine, e.g. liver or 'left kidney'")
-    p.add_argument("--points", required=True, metavar="POINTS.mrk.json", help="Slicer markups file with the clicks: a point is "
-                   "negative (remove) when its label starts with '-' or its description is 'negative', else positive (add)")
-    p.add_argument("-o", "--output", required=True, help="refined segmentation (.seg.nrrd, or a label map); other segments are kept")
-    p.add_argument("--model", default=None, help="registered refiner name or refiner checkpoint (default: the bundled refiner)")
-    p.add_argument("--memory", default=None, help="registered memory name or memory file (default: the refiner's registered memory)")
-    p.add_argument("--no-memory", action="store_true", help="refine without the memory")
-    p.set_defaults(func=_cmd_refine)
-
-    p = sub.add_parser("refiner-train", help="train a Memorizing-SAM refiner on a labelled dataset with simulated clicks")
-    p.add_argument("--data", required=True, help="dataset folder: nnU-Net / MSD (imagesTr, labelsTr) or BCV (img, label)")
-    p.add_argument("--out", required=True, help="folder for refiner.pt and training_log.csv")
-    p.add_argument("--config", default="refiner-tiny", help="refiner-tiny (CPU) or refiner-base (the paper's size)")
-    p.add_argument("--steps", type=Number(int, at_least=1), default=700)
-    p.add_argument("--batch-size", type=int, default=4, help="crops of one organ per step (at least 2: they are each other's memory)")
-    p.add_argument("--iterations", type=Number(int, at_least=1), default=4, help="decoder passes per crop: the initial prompt, then one click more each")
-    p.add_argument("--lr", type=Number(above=0), default=1e-3)
-    p.add_argument("--seed", type=Number(int, at_least=0), default=0)
-    p.add_argument("--crops-per-organ", type=Number(int, at_least=1), default=2, help="randomly shifted crops per organ and case")
-    p.add_argument("--memory-probability", type=Number(at_least=0, at_most=1), default=0.5, help="share of steps that train with in-batch memory")
-    p.add_argument("--hold-out", nargs="*", metavar="CASE", help="case ids kept out of training")
-    p.add_argument("--description", default="", help="what the refiner is (stored in the checkpoint)")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=_cmd_refiner_train)
-
-    p = sub.add_parser("refiner-memory", help="build a refiner's memory file from a labelled dataset")
-    p.add_argument("--data", required=True, help="labelled dataset folder (nnU-Net / MSD or BCV layout)")
-    p.add_argument("--model", default=None, help="registered refiner name or refiner checkpoint")
-    p.add_argument("-o", "--output", required=True, help="memory file to write (.pt)")
-    p.add_argument("--cases", nargs="*", help="case ids to memorise (default: all)")
-    p.add_argument("--description", default="", help="what the memory holds (stored in the file)")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=_cmd_refiner_memory)
-
-    p = sub.add_parser("refiner-evaluate", help="Dice after 0..N simulated clicks per organ, with and without memory")
-    p.add_argument("--data", required=True, help="labelled dataset folder (nnU-Net / MSD or BCV layout)")
-    p.add_argument("--model", default=None, help="registered refiner name or refiner checkpoint")
-    p.add_argument("--memory", default=None, help="registered memory name or memory file (default: the refiner's registered memory)")
-    p.add_argument("--no-memory", action="store_true", help="evaluate without memory only")
-    p.add_argument("--cases", nargs="*", help="case ids to evaluate (default: all)")
-    p.add_argument("--clicks", type=Number(int, at_least=0), default=10)
-    p.add_argument("--initial", metavar="DIR", help="start from FINE's segmentations in DIR (<case>.nii.gz or .seg.nrrd, "
-                   "as fine-seg segment writes them) instead of perturbed reference masks")
-    p.add_argument("--seed", type=Number(int, at_least=0), default=0, help="seed of the initial masks and the random clicks")
-    p.add_argument("--csv", help="write one row per case, organ, memory mode and click count")
-    p.add_argument("--markdown", help="write the table as markdown")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=_cmd_refiner_evaluate)
+    add_refiner_commands(sub)
 
     p = sub.add_parser("configs", help="list model configs: parameter counts and the paper's eq. 2 attention cost")
     p.add_argument("names", nargs="*", help="configs to show (default: all)")

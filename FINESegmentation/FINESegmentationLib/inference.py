@@ -231,6 +231,8 @@ class Segmenter:
     ``bank``: ``accumulate`` (two passes, whole-volume context) or ``stateless``.
     ``fast``: less crop overlap (0.25 instead of 0.5). ``tta``: average each crop's prediction over
     ``TTA_VARIANTS`` (small in-plane rotations and scalings, undone on the probabilities).
+    ``refine_all``: redraw every organ FINE found with LiteMedSAM, slice by slice from its own boxes
+    (:func:`~.refiner.litemedsam.refine_all.refine_all`); the probabilities stay FINE's.
     """
 
     def __init__(
@@ -243,6 +245,7 @@ class Segmenter:
         largest_component: bool = False,
         sw_batch_size: int | None = None,
         overlap: float | None = None,
+        refine_all: bool = False,
     ) -> None:
         if bank not in BANK_MODES:
             raise InputError(f"Unknown bank mode '{bank}'; use one of: {', '.join(BANK_MODES)}.")
@@ -266,14 +269,18 @@ class Segmenter:
         self.sw_batch_size = sw_batch_size or (4 if self.device.type == "cuda" else 1)
         self.stitch_device = self.device
         self.autocast_dtype = _autocast_dtype(self.device)
+        self.refine_all = refine_all
+        self._slice_predictor = None  # LiteMedSAM, loaded on the first refine-all
 
     @property
     def precision(self) -> str:
         return str(self.autocast_dtype or torch.float32).replace("torch.", "")
 
     def segment(self, volume: Volume, *, probabilities: bool = False, progress: ProgressCallback | None = None,
-                cancel: threading.Event | None = None) -> SegmentationResult:
-        """Segment one CT volume. Raises InputError for a volume that is not a usable CT."""
+                cancel: threading.Event | None = None, refine_progress: Callable[[int, int], None] | None = None) -> SegmentationResult:
+        """Segment one CT volume. Raises InputError for a volume that is not a usable CT.
+
+        ``refine_progress(done, total)`` follows refine-all slice by slice (with ``refine_all``)."""
         times: dict[str, float] = {}
         t0 = time.perf_counter()
         prepared = prepare(volume, self.info.preprocessing)
@@ -287,11 +294,24 @@ class Segmenter:
         result_labels = labels_to_input_grid(labels, prepared, volume)
         result_probs = probabilities_to_input_grid(probs, prepared, volume) if probabilities else None
         times["postprocess"] = time.perf_counter() - t0
+        refined = None
+        if self.refine_all:
+            from .refiner.litemedsam.predictor import SlicePredictor
+            from .refiner.litemedsam.refine_all import refine_all
+
+            t0 = time.perf_counter()
+            if self._slice_predictor is None:
+                self._slice_predictor = SlicePredictor(device=self.device)
+            refined = refine_all(self._slice_predictor, volume, result_labels, progress=refine_progress, cancel=cancel)
+            result_labels = refined.labels
+            times["refine_all"] = time.perf_counter() - t0
         report = self._report(volume, prepared, times, fallbacks, result_labels)
+        report["refine_all"] = refined.report if refined is not None else None  # organs, slices, seconds
         return SegmentationResult(result_labels, result_probs, report)
 
     def segment_file(self, input_path: str | Path, output_path: str | Path, *, probabilities_path: str | Path | None = None,
-                     progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> SegmentationResult:
+                     progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
+                     refine_progress: Callable[[int, int], None] | None = None) -> SegmentationResult:
         """Read a CT (file or DICOM folder), segment it, write the labels (``.seg.nrrd`` or a label map)
         and optionally the probabilities. Nothing is written unless the whole job succeeds."""
         check_output_path(output_path)
@@ -300,7 +320,8 @@ class Segmenter:
         t0 = time.perf_counter()
         volume = read_volume(input_path, kind="image")
         read_s = time.perf_counter() - t0
-        result = self.segment(volume, probabilities=probabilities_path is not None, progress=progress, cancel=cancel)
+        result = self.segment(volume, probabilities=probabilities_path is not None, progress=progress, cancel=cancel,
+                              refine_progress=refine_progress)
         t0 = time.perf_counter()
         names = dict(zip(self.info.label_values, self.info.class_names))
         organs = [ORGAN_BY_NAME[names[v]] for v in self.info.label_values if v != 0 and names[v] in ORGAN_BY_NAME]

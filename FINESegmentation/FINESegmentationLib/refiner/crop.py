@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from ..labels import ORGANS
 from ..volume import Geometry, Volume
-from .build import RefinerConfig
+from .config import RefinerConfig
 
 AIR_HU = -1024.0
 
@@ -136,3 +137,35 @@ def logits_to_box(logits: np.ndarray, crop: CropGrid, geometry: Geometry, box: t
     reference.SetOrigin(tuple(geometry.ijk_to_lps()[:3] @ np.append(start, 1.0)))
     out = sitk.Resample(source, reference, sitk.Transform(), sitk.sitkLinear, -20.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
+
+
+MIN_ORGAN_VOXELS = 50  # smaller label fragments (an organ cut by the field of view) are skipped
+
+
+@dataclass
+class TrainingCrop:
+    """One labelled crop: normalised image (S, S, S) float16, organ labels (S, S, S) uint8, the organ's label."""
+
+    case_id: str
+    organ: int
+    image: np.ndarray
+    labels: np.ndarray
+
+
+def organ_crops(case_id: str, image: Volume, labels: Volume, config: RefinerConfig, rng: np.random.Generator | None,
+                per_organ: int = 1, shift: float = 0.1) -> list[TrainingCrop]:
+    """Crops around every organ of a labelled case; with ``rng``, each shifted by up to ``shift`` of its side per axis."""
+    crops = []
+    for organ in ORGANS:
+        mask = labels.array == organ.label
+        if mask.sum() < MIN_ORGAN_VOXELS:
+            continue
+        base = crop_for_segment(labels.geometry, mask, config)
+        for _ in range(per_organ):
+            origin = np.asarray(base.origin)
+            if rng is not None:
+                origin = origin + rng.uniform(-shift, shift, 3) * base.spacing * base.size
+            crop = CropGrid(tuple(float(v) for v in origin), base.spacing, base.size)
+            crops.append(TrainingCrop(case_id, organ.label, image_crop(image, crop, config).astype(np.float16),
+                                      labels_crop(labels.array.astype(np.uint8), labels.geometry, crop)))
+    return crops

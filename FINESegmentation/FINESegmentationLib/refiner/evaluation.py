@@ -28,9 +28,9 @@ from ..errors import InputError
 from ..labels import ORGAN_BY_LABEL, ORGANS
 from ..volume import Volume
 from .clicks import next_click
-from .crop import crop_for_segment, labels_crop, logits_to_box
+from .crop import MIN_ORGAN_VOXELS, crop_for_segment, labels_crop, logits_to_box
 from .predictor import RefinerPredictor
-from .training import MIN_ORGAN_VOXELS, perturb_mask
+from .training import perturb_mask
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .build import RefinerConfig
+from .config import RefinerConfig
 from .memory import RetrievedMemory
 
 

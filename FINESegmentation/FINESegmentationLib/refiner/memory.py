@@ -172,7 +172,7 @@ def memory_from_dataset(model, data: str, case_ids: Sequence[str] | None = None,
 
     from ..data.datasets import select_cases
     from ..io import read_volume
-    from .training import organ_crops
+    from .crop import organ_crops
 
     cases = select_cases(data, case_ids)
     crops = []

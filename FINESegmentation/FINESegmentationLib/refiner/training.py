@@ -37,46 +37,13 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from ..errors import InputError
-from ..labels import ORGANS
-from ..volume import Volume
-from .build import RefinerConfig, build_refiner, refiner_config, save_refiner
+from .build import build_refiner, save_refiner
+from .config import RefinerConfig, refiner_config
 from .clicks import next_click
-from .crop import CropGrid, crop_for_segment, image_crop, labels_crop
+from .crop import TrainingCrop, crop_for_segment, organ_crops
 from .memory import RetrievedMemory, distance_weights
 
 logger = logging.getLogger(__name__)
-
-MIN_ORGAN_VOXELS = 50  # smaller label fragments (an organ cut by the field of view) are skipped
-
-
-@dataclass
-class TrainingCrop:
-    """One labelled crop: normalised image (S, S, S) float16, organ labels (S, S, S) uint8, the organ's label."""
-
-    case_id: str
-    organ: int
-    image: np.ndarray
-    labels: np.ndarray
-
-
-def organ_crops(case_id: str, image: Volume, labels: Volume, config: RefinerConfig, rng: np.random.Generator | None,
-                per_organ: int = 1, shift: float = 0.1) -> list[TrainingCrop]:
-    """Crops around every organ of a labelled case; with ``rng``, each shifted by up to ``shift`` of its side per axis."""
-    crops = []
-    for organ in ORGANS:
-        mask = labels.array == organ.label
-        if mask.sum() < MIN_ORGAN_VOXELS:
-            continue
-        base = crop_for_segment(labels.geometry, mask, config)
-        for _ in range(per_organ):
-            origin = np.asarray(base.origin)
-            if rng is not None:
-                origin = origin + rng.uniform(-shift, shift, 3) * base.spacing * base.size
-            crop = CropGrid(tuple(float(v) for v in origin), base.spacing, base.size)
-            crops.append(TrainingCrop(case_id, organ.label, image_crop(image, crop, config).astype(np.float16),
-                                      labels_crop(labels.array.astype(np.uint8), labels.geometry, crop)))
-    return crops
-
 
 def _ball(radius: float) -> np.ndarray:
     r = int(math.ceil(radius))

@@ -1,0 +1,320 @@
+"""SlicePredictor: one segment of a CT drawn by LiteMedSAM slice by slice (segment-anything's ``SamPredictor`` shape).
+
+``set_volume(volume)`` only looks at the volume's geometry (:class:`~.slices.SliceFrame`); each axial
+slice is embedded by the image encoder the first time a prompt needs it, and the embedding is kept
+(least recently used first out, ``cache_slices`` at most) for the next prompts on that volume.
+``predict(...)`` then prompts, propagates and answers with a mask on the volume's own grid::
+
+    predictor = SlicePredictor()                               # bundled LiteMedSAM weights
+    predictor.set_volume(ct)                                   # a Volume (array + geometry)
+    result = predictor.predict(box=[[-60, 10, 120], [-20, 50, 120]])          # two RAS corners, one slice
+    result.mask                                                # bool [z, y, x] on ct's grid: the whole organ
+    result = predictor.predict(points=[[-41, 30, 132]], labels=[0], previous_mask=result.mask)  # a click
+
+How a prompt becomes a 3-D segment (``propagate=True``):
+
+* A box on one slice segments that slice, then each neighbour, up and down, is prompted with the box
+  around the previous slice's mask, enlarged by ``box_margin_mm`` (and, with ``mask_prompt``, that
+  mask's logits), until the organ ends: the mask is empty or under ``min_area_mm2``, its predicted IoU is
+  under ``min_iou``, or it overlaps the previous slice's mask by less than ``min_overlap`` of its own
+  area (it jumped to another structure). A box spanning several slices (a 3-D ROI) prompts its middle
+  slice and propagation stays inside its slices.
+* Clicks on a slice re-prompt that slice (with the box of the segment there, or the drawn box) and
+  re-propagate from it, stopping also where the new slice agrees with the previous mask (Dice at
+  least ``settle_dice``): a local correction stays local.
+* Slices that propagation does not reach keep ``previous_mask``; an empty or missing segment is
+  created by a box.
+
+LiteMedSAM was trained with boxes only: clicks on a slice with no box and no segment give nothing,
+so such a request is refused with a sentence saying to draw a box.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ...errors import InputError
+from ...volume import Volume
+from .build import LiteMedSAM, load_litemedsam
+from .slices import CT_WINDOW, SliceFrame, SliceInput
+
+
+@dataclass(frozen=True)
+class PropagationSettings:
+    """How a prompt spreads from slice to slice (README measures the defaults against variants on a real CT)."""
+
+    box_margin_mm: float = 5.0
+    mask_prompt: bool = False
+    min_area_mm2: float = 20.0
+    min_iou: float = 0.5
+    relative_iou: float = 0.8
+    min_overlap: float = 0.3
+    settle_dice: float = 0.95
+
+
+@dataclass
+class SliceAnswer:
+    """LiteMedSAM's answer on one frame slice: mask (H, W) bool, model-input logits (1, 1, 256, 256), predicted IoU."""
+
+    mask: np.ndarray
+    logits: torch.Tensor
+    iou: float
+
+
+@dataclass
+class Prediction:
+    """The segment after a prompt.
+
+    mask: bool [z, y, x] on the volume's grid; drawn: predicted IoU of every frame slice redrawn (the
+    organ's extent there); prompted: the frame slices prompted directly; stops: why propagation ended
+    on each side ("up"/"down" -> reason); timings: seconds of embedding, decoding and in total.
+    """
+
+    mask: np.ndarray
+    drawn: dict[int, float] = field(default_factory=dict)
+    prompted: list[int] = field(default_factory=list)
+    stops: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """(x0, y0, x1, y1) pixel bounds (inclusive) of a 2-D mask, or None when it is empty."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return None
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+class SlicePredictor:
+    """LiteMedSAM loaded once; one volume at a time, its slice embeddings cached.
+
+    model: a registered weights name, a weights file, None (the bundled ``litemedsam``) or a
+    :class:`~.build.LiteMedSAM`. window: the CT window in HU.
+    """
+
+    def __init__(self, model: Any = None, device: str | torch.device = "cpu", settings: PropagationSettings | None = None,
+                 cache_slices: int = 128, window: tuple[float, float] = CT_WINDOW) -> None:
+        self.device = torch.device(device)
+        self.model: LiteMedSAM = model if isinstance(model, LiteMedSAM) else load_litemedsam(model)[0]
+        self.model = self.model.to(self.device).eval()
+        self.settings = settings or PropagationSettings()
+        self.cache_slices = cache_slices
+        self.window = window
+        self._volume: Volume | None = None
+        self._embeddings: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.embed_seconds = 0.0
+
+    # ------------------------------------------------------------------ volume and embeddings
+
+    def set_volume(self, volume: Volume) -> None:
+        """Take a CT (HU); embeddings are computed later, per slice, when a prompt needs them."""
+        if not np.isfinite(volume.array).all():
+            raise InputError("The volume contains NaN or infinite values; repair or re-export the image before refining.")
+        self._volume = volume
+        self.frame = SliceFrame.of(volume)
+        self.inputs = SliceInput.for_frame(self.frame)
+        self._hu = self.frame.to_frame(volume.array)
+        self._embeddings.clear()
+
+    @property
+    def volume(self) -> Volume | None:
+        """The volume set last (None before :meth:`set_volume`)."""
+        return self._volume
+
+    def _require_volume(self) -> None:
+        if self._volume is None:
+            raise InputError("No volume is set; call set_volume(volume) before predicting.")
+
+    @property
+    def slices(self) -> int:
+        """Number of axial slices of the frame."""
+        self._require_volume()
+        return self.frame.shape[0]
+
+    def embedding(self, k: int) -> torch.Tensor:
+        """The image embedding (1, 256, 64, 64) of frame slice ``k``, computed once and cached."""
+        self._require_volume()
+        if k in self._embeddings:
+            self._embeddings.move_to_end(k)
+            return self._embeddings[k]
+        start = time.perf_counter()
+        with torch.inference_mode():
+            embedding = self.model.embed(self.inputs.image(self._hu[k], self.window).to(self.device))
+        self.embed_seconds += time.perf_counter() - start
+        self._embeddings[k] = embedding
+        while len(self._embeddings) > self.cache_slices:
+            self._embeddings.popitem(last=False)
+        return embedding
+
+    def cached_slices(self) -> list[int]:
+        return list(self._embeddings)
+
+    # ------------------------------------------------------------------ one slice
+
+    def slice_logits(self, k: int, box: np.ndarray | None = None, points: np.ndarray | None = None,
+                     labels: np.ndarray | None = None, mask_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Prompt frame slice ``k``: box (x0, y0, x1, y1) and clicks (N, 2) in slice pixels (x, y), labels (N,)
+        1/0, mask_logits (1, 1, 256, 256). Returns (slice logits (H, W), model-input logits, predicted IoU)."""
+        embedding = self.embedding(k)
+        prompt_points = None
+        if points is not None and len(points):
+            prompt_points = (self.inputs.points(points).to(self.device),
+                             torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(1, -1).to(self.device))
+        boxes = self.inputs.box(box).to(self.device) if box is not None else None
+        with torch.inference_mode():
+            logits, iou = self.model.decode(embedding, prompt_points, boxes, mask_logits)
+        return self.inputs.to_slice(logits)[0].cpu(), logits, float(iou[0, 0])
+
+    def predict_slice(self, k: int, box: np.ndarray | None = None, points: np.ndarray | None = None,
+                      labels: np.ndarray | None = None, mask_logits: torch.Tensor | None = None) -> SliceAnswer:
+        """:meth:`slice_logits` thresholded at 0 (probability 0.5): the mask (H, W) of frame slice ``k``."""
+        slice_logits, logits, iou = self.slice_logits(k, box, points, labels, mask_logits)
+        return SliceAnswer(slice_logits.numpy() > 0, logits, iou)
+
+    def enlarged_box(self, mask: np.ndarray, margin_mm: float | None = None) -> np.ndarray | None:
+        """The box around a frame-slice mask, enlarged by ``margin_mm`` (default ``box_margin_mm``) and kept inside the slice."""
+        box = mask_box(mask)
+        if box is None:
+            return None
+        margin = (self.settings.box_margin_mm if margin_mm is None else margin_mm) / np.array(self.frame.spacing[:2])
+        h, w = mask.shape
+        return np.clip(box + np.concatenate([-margin, margin]), 0, [w - 1, h - 1, w - 1, h - 1])
+
+    # ------------------------------------------------------------------ prompts in 3-D
+
+    def _to_frame(self, points: Any, point_space: str, what: str) -> np.ndarray:
+        """(N, 3) RAS mm or source ijk -> frame (x, y, z), refusing points outside the volume."""
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        geometry = self._volume.geometry
+        if point_space == "ras":
+            ijk = np.array([geometry.ras_to_ijk(p) for p in points]).reshape(-1, 3)
+        elif point_space == "ijk":
+            ijk = points
+        else:
+            raise InputError(f"Unknown point space '{point_space}'; use 'ras' (millimetres) or 'ijk' (voxel indices).")
+        size = np.array(self._volume.shape[::-1])
+        for n, p in enumerate(ijk):
+            if not np.isfinite(p).all() or np.any(p < -0.5) or np.any(p > size - 0.5):
+                where = ", ".join(f"{v:.1f}" for v in points[n])
+                raise InputError(f"{what} {n + 1} ({point_space.upper()} {where}) lies outside the volume; place it inside the image.")
+        return self.frame.ijk_to_frame(ijk)
+
+    def _slice_of(self, z: float) -> int:
+        return int(np.clip(np.floor(z + 0.5), 0, self.frame.shape[0] - 1))
+
+    def predict(self, box: Sequence[Sequence[float]] | np.ndarray | None = None,
+                points: Sequence[Sequence[float]] | np.ndarray | None = None, labels: Sequence[int] | np.ndarray | None = None,
+                previous_mask: np.ndarray | None = None, point_space: str = "ras", propagate: bool = True) -> Prediction:
+        """Segment or correct one segment.
+
+        box: two opposite corners (2, 3) of a box (RAS mm, or source (i, j, k) with ``point_space="ijk"``);
+        points: clicks (N, 3) in the same space, labels (N,) 1 add / 0 remove; previous_mask: bool
+        [z, y, x] on the volume's grid (the segment so far; None: empty). Nothing changes on a refusal.
+        """
+        self._require_volume()
+        start = time.perf_counter()
+        embed_before = self.embed_seconds
+        previous = np.zeros(self._volume.shape, bool) if previous_mask is None else np.asarray(previous_mask).astype(bool)
+        if previous.shape != self._volume.shape:
+            raise InputError(f"The previous mask's shape {previous.shape} differs from the volume's {self._volume.shape}; give a mask on the volume's voxel grid.")
+        clicks = np.zeros((0, 3)) if points is None else self._to_frame(points, point_space, "Click")
+        click_labels = np.zeros(0, np.int64) if labels is None else np.asarray(labels).reshape(-1)
+        if len(click_labels) != len(clicks):
+            raise InputError(f"{len(clicks)} clicks but {len(click_labels)} labels; give one label (1 add, 0 remove) per click.")
+        if len(click_labels) and not np.isin(click_labels, (0, 1)).all():
+            raise InputError("Click labels must be 1 (add to the segment) or 0 (remove from it).")
+        if box is None and not len(clicks):
+            raise InputError("Give a box or at least one click to refine the segment with.")
+        anchors = self._anchors(box, point_space, clicks, click_labels)
+        current = self.frame.to_frame(previous).copy()
+        result = Prediction(mask=previous)
+        for k, rect, z_range, on_slice, on_labels in anchors:
+            settle = rect is None  # clicks correct the segment locally; a box redraws the organ
+            if rect is None:
+                rect = self.enlarged_box(current[k])
+            if rect is None:
+                raise InputError(
+                    f"The clicks on slice {k + 1} fall where the segment is empty; draw a box around the organ there "
+                    "(LiteMedSAM answers boxes; clicks alone give nothing until its click-trained decoder exists)."
+                )
+            answer = self.predict_slice(k, rect, on_slice, on_labels)
+            before = current.copy()
+            current[k] = answer.mask
+            result.prompted.append(k)
+            result.drawn[k] = answer.iou
+            if propagate:
+                limits = z_range or (0, self.frame.shape[0] - 1)
+                for direction, name in ((1, "up"), (-1, "down")):
+                    result.stops[name] = self._propagate(k, direction, answer, limits, current, before if settle else None, result.drawn)
+        result.mask = self.frame.from_frame(current)
+        result.timings = {"embed_s": self.embed_seconds - embed_before, "total_s": time.perf_counter() - start}
+        result.timings["decode_s"] = result.timings["total_s"] - result.timings["embed_s"]
+        return result
+
+    def _anchors(self, box: Any, point_space: str, clicks: np.ndarray, labels: np.ndarray) -> list[tuple]:
+        """(frame slice, box (x0, y0, x1, y1) or None, slice range of a 3-D box or None, clicks (M, 2), labels) per prompted slice."""
+        anchors = []
+        click_slices = [self._slice_of(z) for z in clicks[:, 2]]
+        box_slice = None
+        if box is not None:
+            corners = self._to_frame(box, point_space, "Box corner")
+            if len(corners) != 2:
+                raise InputError(f"A box needs two opposite corners, got {len(corners)} point(s); draw the box again.")
+            lo, hi = corners.min(0), corners.max(0)
+            if np.any(hi[:2] - lo[:2] < 1.0):
+                raise InputError("The box is less than one voxel wide or high; draw a box around the whole organ on the slice.")
+            first, last = self._slice_of(lo[2]), self._slice_of(hi[2])
+            box_slice = (first + last) // 2
+            on = [n for n, s in enumerate(click_slices) if s == box_slice]
+            anchors.append((box_slice, np.array([lo[0], lo[1], hi[0], hi[1]]), (first, last) if last > first else None,
+                            clicks[on, :2], labels[on]))
+        for k in sorted(set(click_slices) - {box_slice}):
+            on = [n for n, s in enumerate(click_slices) if s == k]
+            anchors.append((k, None, None, clicks[on, :2], labels[on]))
+        return anchors
+
+    def _propagate(self, k: int, direction: int, answer: SliceAnswer, limits: tuple[int, int], current: np.ndarray,
+                   settle_on: np.ndarray | None, drawn: dict[int, float]) -> str:
+        """Redraw slices k + direction, k + 2 direction, ... from their neighbour's mask; returns why it stopped."""
+        s = self.settings
+        pixel_mm2 = self.frame.spacing[0] * self.frame.spacing[1]
+        source = answer
+        ious = [answer.iou]
+        z = k + direction
+        while limits[0] <= z <= limits[1]:
+            rect = self.enlarged_box(source.mask)
+            if rect is None:
+                return "empty"
+            mask_logits = source.logits if s.mask_prompt else None
+            nxt = self.predict_slice(z, rect, mask_logits=mask_logits)
+            area = int(nxt.mask.sum())
+            if area * pixel_mm2 < s.min_area_mm2:
+                reason = "organ ended (mask too small)"
+            elif nxt.iou < s.min_iou or nxt.iou < s.relative_iou * float(np.median(ious)):
+                reason = f"organ ended (predicted IoU {nxt.iou:.2f})"
+            elif int((nxt.mask & source.mask).sum()) < s.min_overlap * area:
+                reason = "organ ended (the mask left the previous slice's)"
+            else:
+                reason = ""
+            if reason:
+                current[z] = False
+                drawn[z] = nxt.iou
+                return reason
+            current[z] = nxt.mask
+            drawn[z] = nxt.iou
+            if settle_on is not None and settle_on[z].any() and _dice(nxt.mask, settle_on[z]) >= s.settle_dice:
+                return "agrees with the previous segment"
+            source = nxt
+            ious.append(nxt.iou)
+            z += direction
+        return "end of the volume" if z < 0 or z >= self.frame.shape[0] else "end of the box"
