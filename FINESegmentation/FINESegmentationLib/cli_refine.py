@@ -240,7 +240,7 @@ def add_refiner_commands(sub: argparse._SubParsersAction) -> None:
                    help="LiteMedSAM: weight r of the slice's own attention, 1 - r for the memory's (default 0.7, the paper's)")
     p.add_argument("--k", type=Number(int, at_least=1), default=None, help="LiteMedSAM: examples retrieved per prompt (default 3)")
     p.add_argument("--roi-grid", type=Number(int, at_least=1, at_most=64), default=None,
-                   help="LiteMedSAM: image positions kept per example, a grid of this side inside its box (default 16)")
+                   help="LiteMedSAM: image positions kept per example, a grid of this side inside its box (default 8)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_refiner_memory)
 

@@ -50,10 +50,10 @@ MIN_EXAMPLE_PIXELS = 64  # an organ smaller than this on the model input is too 
 class MemorySettings:
     """Where the memory sits and how it is read (README measures the sites against each other)."""
 
-    site: str = "token_to_image.final"
+    site: str = "token_to_image.1"
     local_ratio: float = 0.7
     k: int = 3
-    roi_grid: int = 16
+    roi_grid: int = 8
     box_margin_mm: float = 3.0
 
     def __post_init__(self) -> None:
