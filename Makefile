@@ -105,7 +105,7 @@ MEMORY_CASES := $(foreach n,0000 0003 0007 0010 0014 0017 0020 0024 0027 0031 00
 litemedsam-memory: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg refiner-memory --refiner litemedsam --data $(SYNTH_TRAIN) --cases $(MEMORY_CASES) \
 		--slices-per-organ 1 -o Resources/Models/litemedsam-memory.pt \
-		--description "LiteMedSAM memory (decoder site token_to_image.1): the middle slice of every organ of 30 synthetic CT volumes around real organ label maps (make synth-data: fine-seg synth, seed 0), prompted by reference boxes 3 mm looser; not for clinical use"
+		--description "LiteMedSAM memory (decoder site token_to_image.1): the middle slice of every organ of 30 synthetic CT volumes around real organ label maps (fine-seg synth, /work/data/synth-train), prompted by reference boxes 3 mm looser; not for clinical use"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -193,3 +193,16 @@ def test_cli_builds_a_litemedsam_memory_and_refine_reads_it_when_given(tmp_path,
         assert main(["refine", str(data / "imagesTr" / "case_0000.nii.gz"), "--segment", "liver", "--box", str(box),
                      "-o", str(tmp_path / "out.seg.nrrd"), *flags]) == 0
         assert ("memory " + str(out) in capsys.readouterr().out) == used, "fine-seg refine reads the memory given with --memory, only then"
+
+
+def test_the_bundled_memory_is_registered_fits_the_bundled_weights_and_stays_small(model):
+    from FINESegmentationLib.checkpoints import read_registry, sha256_of
+    from FINESegmentationLib.refiner.litemedsam.memory import MEMORY_KIND, load_slice_memory
+
+    entry = read_registry(kind=MEMORY_KIND)["litemedsam-memory"]
+    assert sha256_of(entry.path) == entry.sha256 and entry.path.stat().st_size <= 10 * 2**20, "registered SHA256, at most 10 MB"
+    memory = load_slice_memory("litemedsam-memory")
+    memory.check_compatible(model)
+    assert memory.settings == MemorySettings() and "not for clinical use" in memory.metadata["description"], \
+        "built with the default site, grid and ratio, from synthetic data"
+    assert {e["organ"] for e in memory.memory.examples} == set(range(1, 9)), "every organ is remembered"
