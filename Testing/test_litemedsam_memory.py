@@ -121,6 +121,10 @@ def test_the_memory_file_round_trips_and_a_tampered_or_foreign_file_is_refused(t
     with pytest.raises(CheckpointError) as error:
         SliceMemory.load(tampered, sha256_of(path))
     assert "does not match" in str(error.value) and "\n" not in str(error.value), "one sentence names the SHA256 mismatch"
+    from FINESegmentationLib.resources import models_dir
+
+    with pytest.raises(CheckpointError, match="is not a LiteMedSAM memory file"):
+        SliceMemory.load(models_dir() / "refiner-tiny-phantom-memory.pt")
     other = load_litemedsam()[0]
     with torch.no_grad():
         other.mask_decoder.iou_token.weight.add_(1.0)

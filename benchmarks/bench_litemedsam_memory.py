@@ -142,7 +142,7 @@ def table(title: str, rows: dict) -> list[str]:
 def markdown(results: dict) -> str:
     m, s = results["memory"], results["synthetic"]
     lines = [
-        f"LiteMedSAM with and without memory ({m['examples']} examples, site {m['settings']['site']}, local ratio "
+        f"LiteMedSAM ({results['model']}) with and without memory ({m['examples']} examples, site {m['settings']['site']}, local ratio "
         f"{m['settings']['local_ratio']}, k = {m['settings']['k']}, {m['size_mb']} MB), {results['machine']}, {results['date']}.",
         "",
         "Real CT (ts-example-noncontrast), Dice per organ over the volume:",
@@ -169,6 +169,8 @@ def markdown(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory", required=True, help="LiteMedSAM memory file (fine-seg refiner-memory --refiner litemedsam)")
+    parser.add_argument("--model", default=None, help="LiteMedSAM weights (registered name or file; default: the bundled ones); "
+                        "the memory must have been built with them")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "real-ct" / "ts-example-noncontrast"))
     parser.add_argument("--synth", default="/work/data/synth-val", help="held-out synthetic CT (nnU-Net layout)")
     parser.add_argument("--synth-cases", type=int, default=10)
@@ -188,7 +190,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     memory = SliceMemory.load(args.memory)
-    predictor = SlicePredictor(memory=memory, cache_slices=1000)
+    predictor = SlicePredictor(model=args.model, memory=memory, cache_slices=1000)
     prompts = Prompts(predictor, memory)
     data = Path(args.data)
     ct, ref = read_volume(data / "ct.nii.gz"), read_volume(data / "labels.nii.gz", kind="label")
@@ -199,6 +201,7 @@ def main() -> int:
     results["synthetic"] = synthetic(prompts, args.synth, args.synth_cases, args.slices_per_organ, args.margin_mm)
     results.update({
         "synth_folder": args.synth,
+        "model": args.model or "bundled weights",
         "same_organ_real": round(same_real, 3),
         "same_organ_synthetic": round(float(np.mean(prompts.same_organ)), 3),
         "memory": {"file": str(args.memory), "size_mb": round(Path(args.memory).stat().st_size / 2**20, 2), "examples": len(memory),

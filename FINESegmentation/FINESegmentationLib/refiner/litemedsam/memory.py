@@ -86,7 +86,7 @@ def roi_sample(maps: torch.Tensor, box: torch.Tensor, grid: int) -> torch.Tensor
     xs = (x0 + (x1 - x0 + 1) * steps) / IMAGE_SIZE * 2 - 1
     ys = (y0 + (y1 - y0 + 1) * steps) / IMAGE_SIZE * 2 - 1
     points = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None].expand(len(maps), -1, -1, -1)
-    return F.grid_sample(maps, points.to(maps.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(maps, points.to(maps), mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def descriptor(embedding: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
@@ -142,7 +142,9 @@ class SliceMemory:
 
     def retrieve(self, embedding: torch.Tensor, box: torch.Tensor) -> RetrievedMemory:
         """The k nearest examples of a prompt: a slice embedding (1, 256, 64, 64) and its box (4,) in model-input pixels."""
-        return self.memory.retrieve(descriptor(embedding, box), self.settings.k)
+        found = self.memory.retrieve(descriptor(embedding, box).to(self.memory.descriptors.device), self.settings.k)
+        device = embedding.device  # the memory stays in RAM; what one prompt reads goes where the decoder runs
+        return RetrievedMemory(found.keys.to(device), found.values.to(device), found.weights.to(device), found.indices, found.distances)
 
     def read(self, embedding: torch.Tensor, box: torch.Tensor) -> dict[str, SiteMemory]:
         """What the decoder reads for this prompt: {site: (retrieved keys and values, local ratio)}."""
@@ -162,9 +164,9 @@ class SliceMemory:
         memory = ExternalMemory.load(path, sha256)
         try:
             settings = MemorySettings(**memory.metadata["settings"]) if memory.metadata.get("refiner") == REFINER else None
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, InputError):
             settings = None
-        if settings is None or settings.site not in SITES:
+        if settings is None:
             raise CheckpointError(f"{path} is not a LiteMedSAM memory file; build one with fine-seg refiner-memory --refiner litemedsam.")
         return cls(memory, settings)
 
