@@ -166,16 +166,17 @@ def litemedsam_weights(model: str | None = None, registry=None) -> tuple[str | N
 @dataclass
 class Prompts:
     """What LiteMedSAM is asked: ``box`` (2, 3) and the clicks since it (``points`` (N, 3), ``labels`` (N,)
-    1 add / 0 remove; RAS mm in the volume's frame), applied to ``base`` (bool [z, y, x]). The
-    Memorizing-SAM refiner uses the clicks only."""
+    1 add / 0 remove; RAS mm in the volume's frame), applied to ``base`` (bool [z, y, x]); ``boxed``: the
+    box's own answer, which clicks off the box's slice start from. The Memorizing-SAM refiner uses the clicks only."""
 
     base: np.ndarray | None = None
     box: np.ndarray | None = None
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    boxed: np.ndarray | None = None
 
     def with_clicks(self, points: np.ndarray, labels: np.ndarray) -> "Prompts":
-        return Prompts(self.base, self.box, np.concatenate([self.points, points]), np.concatenate([self.labels, labels]))
+        return Prompts(self.base, self.box, np.concatenate([self.points, points]), np.concatenate([self.labels, labels]), self.boxed)
 
 
 @dataclass
@@ -382,11 +383,24 @@ class RefineLogic:
         embedded = predictor.embed_seconds
         extra = {"use_memory": memory} if session.has_memory else {}
         clicks = len(prompts.labels) > 0
-        answer = predictor.predict(box=prompts.box, points=prompts.points if clicks else None, labels=prompts.labels if clicks else None,
-                                   previous_mask=prompts.base, **extra)
+        if clicks and prompts.boxed is not None and not self._on_box_slice(predictor, prompts):
+            # The box's answer is what predict(box, clicks, base) computes before it turns to clicks off the box's
+            # slice, so starting from it gives the same segment without redrawing the box's slices.
+            answer = predictor.predict(points=prompts.points, labels=prompts.labels, previous_mask=prompts.boxed, **extra)
+        else:
+            answer = predictor.predict(box=prompts.box, points=prompts.points if clicks else None,
+                                       labels=prompts.labels if clicks else None, previous_mask=prompts.base, **extra)
+        if prompts.box is not None and not clicks:
+            prompts = Prompts(prompts.base, prompts.box, prompts.points, prompts.labels, answer.mask)
         used = bool(getattr(answer, "used_memory", memory and session.has_memory))
         return RefineResult(answer.mask, current, prompts, kind, used, time.perf_counter() - start,
                             embed_seconds=predictor.embed_seconds - embedded, slices=len(answer.drawn), stops=dict(answer.stops))
+
+    @staticmethod
+    def _on_box_slice(predictor, prompts: Prompts) -> bool:
+        """Whether a click lies on the slice the box prompts (its middle slice), where it is asked together with the box."""
+        first, last = sorted(predictor.slices_of(prompts.box))
+        return bool(np.any(predictor.slices_of(prompts.points) == (first + last) // 2))
 
     def applyPrompt(self, session: RefineSession, result: RefineResult) -> None:
         """Write a finished prediction into the segment in place (this thread), creating the segment (and the

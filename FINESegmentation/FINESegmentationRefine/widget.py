@@ -165,6 +165,9 @@ class RefineSection(VTKObservationMixin):
         self.ui.refineNegativePlaceWidget.setCurrentNode(negative)
         self.ui.refineBoxPlaceWidget.setCurrentNode(box)
         segment = p.refineSegmentId if p.refineOrgan == SELECTED_SEGMENT else p.refineOrgan
+        if p.refineOrgan == SELECTED_SEGMENT and (p.refineSegmentation is None or p.refineSegmentation.GetSegmentation().GetSegment(segment) is None):
+            self._setStatus(_("Choose a segment of the segmentation, or an organ (its segment is created if it is missing)."))
+            return
         try:
             job = self.logic.refine.startSession(p.inputVolume, p.refineSegmentation, segment, refiner=p.refineRefiner, device=p.device)
         except FINEError as error:
@@ -296,7 +299,8 @@ class RefineSection(VTKObservationMixin):
         return abs(axes[normal][2]) > 0.9
 
     def onBoxEdited(self, caller=None, event=None) -> None:
-        if not self._settingBox and self.session is not None:
+        """The box's handles were dragged: ask the new box (not while it is being drawn: that asks once, flat)."""
+        if not self._settingBox and self.session is not None and self._boxFirstCorner is None:
             qt.QTimer.singleShot(0, self._askBox)
 
     def _askBox(self) -> None:
