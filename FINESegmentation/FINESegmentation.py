@@ -85,7 +85,8 @@ segmentation.</i> 2022. Shao X., Shen Y., Unberath M. <i>Memorizing SAM: 3D medi
 """)
         self.parent.acknowledgementText = _("""
 FINESegmentation implements the FINE network of Themyr et al. (2022) with PyTorch and MONAI; images are read and
-resampled with SimpleITK. The PyTorch extension (PyTorchUtils) installs PyTorch into Slicer.
+resampled with SimpleITK. The PyTorch extension (PyTorchUtils) installs PyTorch into Slicer. The Refine section's
+default refiner uses the published weights of LiteMedSAM (Ma et al., MedSAM; Apache-2.0).
 """)
         # Slicer looks for the icon beside the module file only; ours may sit one folder up.
         iconPath = os.path.join(resourcesDir(), "Icons", "FINESegmentation.png")

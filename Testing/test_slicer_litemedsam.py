@@ -224,6 +224,22 @@ def test_refusals_give_one_sentence_and_leave_the_scene_as_it_was(refine, mrml_s
     assert all(np.array_equal(m, masks[k]) for k, m in _masks(segmentation, ct).items()) and len(_masks(segmentation, ct)) == len(masks)
 
 
+def test_a_box_is_an_roi_a_line_across_the_organ_or_two_corners(mrml_scene, ct):
+    roi = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "roi")
+    roi.SetCenter(10.0, 20.0, 30.0)
+    roi.SetSize(40.0, 60.0, 0.0)
+    assert np.allclose(box_corners(roi, ct), [[-10, -10, 30], [30, 50, 30]]), "an ROI gives its bounds in RAS, flat when it is flat"
+    line = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "line")
+    line.AddControlPoint(vtk.vtkVector3d(1.0, 2.0, 3.0))
+    with pytest.raises(InputError, match="1 placed point"):
+        box_corners(line, ct)
+    line.AddControlPoint(vtk.vtkVector3d(4.0, 6.0, 3.0))
+    assert np.allclose(box_corners(line, ct), [[1, 2, 3], [4, 6, 3]]), "a line's ends are opposite corners"
+    assert np.allclose(box_corners([[1, 2, 3], [4, 6, 3]], ct), [[1, 2, 3], [4, 6, 3]])
+    with pytest.raises(InputError, match="is not a box"):
+        box_corners(mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "points"), ct)
+
+
 class _MemoryPredictor:
     """A stand-in for LiteMedSAM with the memory plug-in's switch: it records ``use_memory`` and keeps the segment."""
 

@@ -1,7 +1,7 @@
 """The Slicer side of the engine: MRML nodes in, MRML nodes out, and the Logic's work.
 
 This is the only engine file that imports ``slicer`` or ``vtk``, and only the
-module's Logic (``FINESegmentation.py``) calls it. It needs no Qt and no
+module's Logic (``FINESegmentation.py`` and the Refine section's ``FINESegmentationRefine/logic.py``) calls it. It needs no Qt and no
 ``slicer.app``: every node is reached through the scene of the nodes it is given,
 and the segmentation is built with VTK objects, so the same code runs in 3D Slicer
 and on the ``slicer-core`` wheel in CI.
