@@ -212,6 +212,12 @@ class SlicePredictor:
     def _slice_of(self, z: float) -> int:
         return int(np.clip(np.floor(z + 0.5), 0, self.frame.shape[0] - 1))
 
+    def slices_of(self, points: Any, point_space: str = "ras") -> np.ndarray:
+        """The frame slice (N,) each point (N, 3) prompts, as :meth:`predict` places clicks and box corners;
+        points outside the volume are refused."""
+        self._require_volume()
+        return np.array([self._slice_of(z) for z in self._to_frame(points, point_space, "Point")[:, 2]], dtype=np.int64)
+
     def predict(self, box: Sequence[Sequence[float]] | np.ndarray | None = None,
                 points: Sequence[Sequence[float]] | np.ndarray | None = None, labels: Sequence[int] | np.ndarray | None = None,
                 previous_mask: np.ndarray | None = None, point_space: str = "ras", propagate: bool = True) -> Prediction:
