@@ -334,7 +334,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print("Dice (%) per organ against the phantom's reference labels:")
     print(markdown_table([scores]))
     print(f"Outputs in {out}/: phantom_ct.nii.gz, phantom_ct.seg.nrrd (load both in 3D Slicer), phantom_reference.seg.nrrd, report.json")
-    print("The demo model is trained on synthetic phantoms only: not for clinical use.")
+    print("The bundled models are trained on synthetic CT only (phantoms, and CT-like volumes around real organ label maps): "
+          "not for clinical use.")
     return 0
 
 

@@ -115,6 +115,11 @@ class SlicePredictor:
         self._embeddings: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.embed_seconds = 0.0
 
+    @property
+    def has_memory(self) -> bool:
+        """Whether a memory is loaded (what ``use_memory`` can switch on)."""
+        return self.memory is not None
+
     # ------------------------------------------------------------------ volume and embeddings
 
     def set_volume(self, volume: Volume) -> None:
@@ -221,6 +226,12 @@ class SlicePredictor:
 
     def _slice_of(self, z: float) -> int:
         return int(np.clip(np.floor(z + 0.5), 0, self.frame.shape[0] - 1))
+
+    def slices_of(self, points: Any, point_space: str = "ras") -> np.ndarray:
+        """The frame slice (N,) each point (N, 3) prompts, as :meth:`predict` places clicks and box corners;
+        points outside the volume are refused."""
+        self._require_volume()
+        return np.array([self._slice_of(z) for z in self._to_frame(points, point_space, "Point")[:, 2]], dtype=np.int64)
 
     def predict(self, box: Sequence[Sequence[float]] | np.ndarray | None = None,
                 points: Sequence[Sequence[float]] | np.ndarray | None = None, labels: Sequence[int] | np.ndarray | None = None,
