@@ -166,6 +166,7 @@ def test_the_memory_switch_reaches_every_slice_the_predictor_draws(model, memory
     assert reads and all(r is None for r in reads), "refine-all follows the predictor's switch"
     bare = SlicePredictor(model=model)
     bare.set_volume(volume)
+    assert predictor.has_memory and not bare.has_memory, "has_memory says whether a memory is loaded (the Slicer switch reads it)"
     with pytest.raises(InputError, match="No memory is loaded"):
         bare.predict(box=box, point_space="ijk", use_memory=True)
 
