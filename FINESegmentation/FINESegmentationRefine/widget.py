@@ -120,7 +120,7 @@ class RefineSection(VTKObservationMixin):
         if memory:
             tip = _("Use the refiner's memory of stored labelled examples (Memorizing-SAM); turn it off to compare.")
         elif self.session.refiner == LITEMEDSAM:
-            tip = _("{weights} has no memory to switch: LiteMedSAM's memory plug-in is not installed.")
+            tip = _("{weights} runs without memory: on the real CT its memory did not help (README); use fine-seg refine --memory to try it.")
         else:
             tip = _("{weights} has no memory registered.")
         self.ui.refineMemoryCheckBox.toolTip = tip.format(weights=self.session.weights if self.session else "")

@@ -132,3 +132,21 @@ class SliceInput:
         """Model-input logits (B, 1, 256, 256) -> slice logits (B, H, W)."""
         x = logits[..., : self.new_height, : self.new_width]
         return F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False)[:, 0]
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """(x0, y0, x1, y1) pixel bounds (inclusive) of a 2-D mask, or None when it is empty."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return None
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
+
+
+def enlarged_box(mask: np.ndarray, spacing_xy: tuple[float, float], margin_mm: float) -> np.ndarray | None:
+    """The box around a 2-D mask (H, W), enlarged by ``margin_mm`` (pixel spacing (x, y) mm) and kept inside it."""
+    box = mask_box(mask)
+    if box is None:
+        return None
+    margin = margin_mm / np.asarray(spacing_xy, dtype=np.float64)
+    h, w = mask.shape
+    return np.clip(box + np.concatenate([-margin, margin]), 0, [w - 1, h - 1, w - 1, h - 1])
