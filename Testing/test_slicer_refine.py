@@ -1,4 +1,5 @@
-"""The Logic's click refiner on a real MRML scene (slicer-core): a segment in, the same segment refined in place out."""
+"""The Refine section's logic with the Memorizing-SAM refiner on a real MRML scene (slicer-core): a segment in,
+the same segment refined in place out (LiteMedSAM's boxes: test_slicer_litemedsam.py)."""
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -8,24 +9,19 @@ slicer = pytest.importorskip("slicer")
 from FINESegmentationLib.data.phantoms import PhantomGenerator  # noqa: E402
 from FINESegmentationLib.errors import InputError  # noqa: E402
 from FINESegmentationLib.labels import ORGANS  # noqa: E402
-from FINESegmentationLib.mrml import (  # noqa: E402
-    FINESegmentationLogicCore,
-    SegmentationOutput,
-    SegmentClass,
-    click_points,
-    segment_mask,
-    write_segmentation_node,
-)
+from FINESegmentationLib.mrml import SegmentationOutput, SegmentClass, click_points, segment_mask, write_segmentation_node  # noqa: E402
+from FINESegmentationLib.worker import TorchWorker  # noqa: E402
+from FINESegmentationRefine.logic import MEMORIZING_SAM, RefineLogic  # noqa: E402
 
-OPTIONS = {"device": "cpu"}
+OPTIONS = {"device": "cpu", "refiner": MEMORIZING_SAM}
 LIVER = next(o for o in ORGANS if o.name == "liver")
 
 
 @pytest.fixture(scope="module")
 def logic():
-    core = FINESegmentationLogicCore()
-    yield core
-    core.worker.shutdown(timeout=30)
+    refine = RefineLogic(TorchWorker())
+    yield refine
+    refine.worker.shutdown(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +78,17 @@ def test_a_click_changes_the_segment_in_place_within_the_box_and_undo_restores_i
     points.AddControlPoint(*_ras_of(case, _missed_voxel(case, before))[:3])
     count = mrml_scene.GetNumberOfNodes()
 
-    session = logic.refineStart(ct, segmentation, sid, **OPTIONS)
+    session = logic.start(ct, segmentation, sid, **OPTIONS)
     assert session.has_memory, "the bundled refiner comes with its memory"
-    result = logic.refineClick(session, (points, None))
+    result = logic.prompt(session, points=click_points(points, None, ct)[0], labels=[1])
     after = segment_mask(segmentation, sid, ct)
 
     changed = after != before
     outside = np.ones(changed.shape, bool)
-    outside[result.box] = False
+    outside[result.crop] = False
     assert changed.any(), "the click changed the segment"
     assert not changed[outside].any(), "only voxels inside the refiner's crop box change"
-    assert np.array_equal(after[result.box], result.mask), "the segment holds the refiner's answer in the box"
+    assert np.array_equal(after, result.mask), "the segment holds the refiner's answer"
     reference = case.label.array == LIVER.label
     assert _dice(after, reference) >= _dice(before, reference), "a click in the missed rim does not make the liver worse"
     segment = segmentation.GetSegmentation().GetSegment(sid)
@@ -101,23 +97,23 @@ def test_a_click_changes_the_segment_in_place_within_the_box_and_undo_restores_i
     assert mrml_scene.GetNumberOfNodes() == count, "the segment is changed in place: no new nodes"
     assert all(np.array_equal(m, others[k]) for k, m in _others(segmentation, ct, sid).items()), "other segments untouched"
 
-    assert logic.undoRefineClick(session), "there is a click to undo"
+    assert logic.undo(session), "there is a click to undo"
     assert np.array_equal(segment_mask(segmentation, sid, ct), before), "Undo restores the segment exactly"
-    assert not logic.undoRefineClick(session), "nothing left to undo"
+    assert not logic.undo(session), "nothing left to undo"
 
 
-def test_clicks_with_and_without_memory_both_run(logic, mrml_scene, nodes, case):
+def test_clicks_with_and_without_memory_both_run_and_add_up(logic, mrml_scene, nodes, case):
     ct, segmentation = nodes
     before = segment_mask(segmentation, "liver", ct)
-    session = logic.refineStart(ct, segmentation, "liver", **OPTIONS)
+    session = logic.start(ct, segmentation, "liver", **OPTIONS)
     inside = _ras_of(case, np.argwhere(before)[len(np.argwhere(before)) // 2])[:3]
     missed = _ras_of(case, _missed_voxel(case, before))[:3]
-    with_memory = logic.refineClick(session, [missed, inside], [1, 1], use_memory=True)
-    without = logic.refineClick(session, [missed, inside], [1, 1], use_memory=False)
+    with_memory = logic.prompt(session, points=[missed], labels=[1], memory=True)
+    without = logic.prompt(session, points=[inside], labels=[1], memory=False)
     assert with_memory.used_memory and not without.used_memory, "the Memory switch reaches the refiner"
-    assert len(session.undo) == 2
-    logic.undoRefineClick(session)
-    logic.undoRefineClick(session)
+    assert len(session.undo) == 2 and len(without.prompts.labels) == 2, "the second click is asked with the first"
+    logic.undo(session)
+    logic.undo(session)
     assert np.array_equal(segment_mask(segmentation, "liver", ct), before), "two undos restore the start"
 
 
@@ -135,17 +131,17 @@ def test_points_come_from_two_point_lists_in_world_coordinates(mrml_scene, nodes
 def test_errors_leave_the_segment_and_the_scene_as_they_were(logic, mrml_scene, nodes, case):
     ct, segmentation = nodes
     empty_id = segmentation.GetSegmentation().AddEmptySegment("empty", "empty")
-    session = logic.refineStart(ct, segmentation, "liver", **OPTIONS)
+    session = logic.start(ct, segmentation, "liver", **OPTIONS)
     before = _scene_state(mrml_scene)
     mask = segment_mask(segmentation, "liver", ct)
     with pytest.raises(InputError, match="is empty"):
-        logic.refineStart(ct, segmentation, empty_id, **OPTIONS)
-    with pytest.raises(InputError, match="has no segment 'kidney'"):
-        logic.refineStart(ct, segmentation, "kidney", **OPTIONS)
+        logic.start(ct, segmentation, empty_id, **OPTIONS)
+    with pytest.raises(InputError, match="'kidney' is absent"):
+        logic.start(ct, segmentation, "kidney", **OPTIONS)
     with pytest.raises(InputError, match="outside the volume"):
-        logic.refineClick(session, [[900.0, 0.0, 0.0]], [1])
+        logic.prompt(session, points=[[900.0, 0.0, 0.0]], labels=[1])
     far = _ras_of(case, (2, 2, 2))[:3]  # inside the volume, far from the liver's crop
     with pytest.raises(InputError, match="outside the .* cube"):
-        logic.refineClick(session, [far], [0])
+        logic.prompt(session, points=[far], labels=[0])
     assert _scene_state(mrml_scene) == before, "nothing added or modified"
     assert np.array_equal(segment_mask(segmentation, "liver", ct), mask) and not session.undo

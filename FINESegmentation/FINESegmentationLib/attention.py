@@ -534,18 +534,6 @@ def _boundary_planes(boundaries: tuple[list[float], list[float]], shape: np.ndar
     return np.array([[_index_to_ras(image, c) for c in q] for q in quads])
 
 
-def parse_point(text: str) -> tuple[float, float, float]:
-    """``"x,y,z"`` -> three floats, or an InputError that says what is expected."""
-    parts = [p for p in text.replace(";", ",").split(",") if p.strip()]
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3 or not all(math.isfinite(v) for v in values):
-        raise InputError(f"'{text}' is not a point; give three numbers separated by commas, such as 10.5,-20,35.")
-    return values  # type: ignore[return-value]
-
-
 def write_figure(amap: AttentionMap, path: str | Path, title: str | None = None) -> Path:
     """A three-plane figure (axial, coronal, sagittal through the point) like the paper's Fig. 4:
     the CT in grey, the map in a heat colour map, the crop as a rectangle, the cell grid as

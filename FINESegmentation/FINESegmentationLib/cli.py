@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .cli_arguments import Number, NumberList, Parser
 from .cli_clicks import add_litemedsam_train
 from .cli_refine import add_refiner_commands
 from .errors import FINEError
@@ -75,16 +76,15 @@ _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 def _expand_inputs(inputs: list[str]) -> list[Path]:
     """Files as given; a folder is one DICOM series, or else every image file inside it."""
-    import SimpleITK as sitk
-
     from .errors import InputError
+    from .io import dicom_series_ids
 
     cases: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
         if not path.exists():
             raise InputError(f"{item} does not exist; give a CT file (NIfTI, NRRD, MHA) or a DICOM folder.")
-        if path.is_dir() and not sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)):
+        if path.is_dir() and not dicom_series_ids(path):
             found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES) and not p.name.lower().endswith(".seg.nrrd"))
             if not found:
                 raise InputError(f"The folder {item} holds neither a DICOM series nor image files (.nii.gz, .nrrd, .mha).")
@@ -197,8 +197,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         refined = f", refine-all {refined['slices']} slices in {refined['total_s']:.1f} s" if refined else ""
         print(f"{case} -> {target}  ({t['total']:.1f} s on {result.report['device']}, {result.report['bank']} bank, "
               f"{result.report['crops_per_pass']} crops x {result.report['passes']} pass(es){refined})")
-        for warning in result.report["warnings"] + result.report["fallbacks"]:
-            print(f"  warning: {warning}", file=sys.stderr)
     if args.report:
         from .io import write_text_atomically
 
@@ -209,10 +207,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _cmd_attention(args: argparse.Namespace) -> int:
     import json
 
-    from .attention import LEVELS, AttentionMapper, parse_point, write_figure
+    from .attention import LEVELS, AttentionMapper, write_figure
     from .io import IMAGE_WRITE_EXTENSIONS, case_name, check_output_path, read_volume, write_text_atomically, write_volume
 
-    point = parse_point(args.point)
     check_output_path(args.output, IMAGE_WRITE_EXTENSIONS)
     if args.png:
         check_output_path(args.png, (".png", ".pdf", ".svg"))
@@ -222,7 +219,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     mapper = AttentionMapper(args.model, device=args.device, bank=args.bank, fast=args.fast)
     bar = _ProgressBar(case_name(Path(args.input)), not args.quiet)
     try:
-        amap = mapper.compute(volume, point, ijk=args.ijk, stage=args.stage, block=args.block, levels=args.levels, progress=bar)
+        amap = mapper.compute(volume, args.point, ijk=args.ijk, stage=args.stage, block=args.block, levels=args.levels, progress=bar)
     finally:
         bar.close()
     out = Path(args.output)
@@ -258,6 +255,22 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from .data.synth import write_synth_dataset
+
+    start = time.perf_counter()
+    write_synth_dataset(
+        args.out, args.cases, args.seed, anatomy_dir=args.anatomy, split=args.split, phases=args.phase,
+        fovs=args.fov, in_plane=args.in_plane, max_slices=args.max_slices, first_index=args.first_index,
+        progress=not args.quiet,
+    )
+    print(f"Wrote {args.cases} synthetic CT case(s) around the {args.split} anatomy maps to {args.out} "
+          f"(nnU-Net layout, synth_info.json) in {time.perf_counter() - start:.0f} s.")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training import TrainSettings, train
 
@@ -265,7 +278,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, config=args.config, window_tokens=not args.no_window_tokens,
         volume_tokens=not (args.no_volume_tokens or args.no_window_tokens), epochs=args.epochs,
         iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed, device=args.device,
-        target_spacing=tuple(args.target_spacing), bank_probability=args.bank_probability, label_map=args.label_map,
+        target_spacing=tuple(args.target_spacing), bank_probability=args.bank_probability, augment=args.augment,
+        fov_probability=args.fov_probability, label_map=args.label_map,
         validation_cases=args.hold_out or [], resume=args.resume, init=args.init, progress=not args.quiet, description=args.description,
     )
     path = train(settings)
@@ -321,12 +335,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print("Dice (%) per organ against the phantom's reference labels:")
     print(markdown_table([scores]))
     print(f"Outputs in {out}/: phantom_ct.nii.gz, phantom_ct.seg.nrrd (load both in 3D Slicer), phantom_reference.seg.nrrd, report.json")
-    print("The demo model is trained on synthetic phantoms only: not for clinical use.")
+    print("The bundled models are trained on synthetic CT only (phantoms, and CT-like volumes around real organ label maps): "
+          "not for clinical use.")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fine-seg",
         description="FINE transformer segmentation of abdominal CT (spleen, kidneys, gallbladder, liver, stomach, aorta, pancreas).",
     )
@@ -349,13 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["seg.nrrd", "nii.gz"], default="seg.nrrd", help="Slicer segmentation (default) or NIfTI label map")
     p.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (<name>_probabilities.nii.gz)")
     p.add_argument("--report", metavar="REPORT.json", help="write timings, crops, device, precision and peak memory as JSON")
-    p.add_argument("--sw-batch-size", type=int, default=None, help="crops per forward pass (default: 4 on CUDA, 1 on CPU)")
+    p.add_argument("--sw-batch-size", type=Number(int, at_least=1), default=None, help="crops per forward pass (default: 4 on CUDA, 1 on CPU)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("attention", help="attention map from one point: where FINE looked, across the whole volume")
     p.add_argument("input", metavar="INPUT", help="CT file or DICOM series folder")
-    p.add_argument("--point", required=True, metavar="X,Y,Z", help="the point: RAS millimetres (Slicer's coordinates), or indices with --ijk")
+    p.add_argument("--point", required=True, metavar="X,Y,Z", type=NumberList(3, "a point", "-100,50,120"),
+                   help="the point: RAS millimetres (Slicer's coordinates, negatives as typed), or indices with --ijk")
     p.add_argument("--ijk", action="store_true", help="--point gives voxel indices (i, j, k) of the input")
     p.add_argument("--stage", default="encoder0", help="encoder0..encoder3 or decoder0..decoder2 (default encoder0, the paper's figure)")
     p.add_argument("--block", type=int, default=1, help="block of the stage (default 1; at block 0 the window tokens hold only "
@@ -380,21 +396,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_phantom)
 
+    from .data.synth.generator import DEFAULT_ANATOMY, DEFAULT_IN_PLANE, DEFAULT_MAX_SLICES
+    from .data.synth.intensities import PHASES
+    from .data.synth.scanner import FOV_KINDS
+
+    p = sub.add_parser("synth", help="generate synthetic CT around real organ label maps (nnU-Net layout + synth_info.json)")
+    p.add_argument("--anatomy", default=str(DEFAULT_ANATOMY), help="folder of organ label maps (default: %(default)s)")
+    p.add_argument("--out", required=True, help="dataset folder to write (imagesTr/, labelsTr/, dataset.json, synth_info.json)")
+    p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("train", "val"), default="train", help="which anatomy maps: training or the held-out validation maps")
+    p.add_argument("--phase", nargs="+", choices=PHASES, help="contrast phases to draw from (default: all)")
+    p.add_argument("--fov", nargs="+", choices=FOV_KINDS, help="fields of view to draw from (default: all)")
+    p.add_argument("--in-plane", type=int, default=DEFAULT_IN_PLANE, help="largest in-plane matrix; larger scans get coarser pixels (default: %(default)s)")
+    p.add_argument("--max-slices", type=int, default=DEFAULT_MAX_SLICES, help="largest slice count; longer scans get thicker slices (default: %(default)s)")
+    p.add_argument("--first-index", type=int, default=0, help="index of the first case (to extend a dataset)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_synth)
+
     p = sub.add_parser("train", help="train a FINE model (one process, or many under torchrun)")
     p.add_argument("--data", required=True, help="dataset folder: nnU-Net / MSD (imagesTr, labelsTr) or BCV (img, label)")
     p.add_argument("--out", required=True, help="folder for model.pt, checkpoint_latest.pt and training_log.csv")
     p.add_argument("--config", default="fine-tiny", help="fine-tiny, fine-small or fine-base")
     p.add_argument("--no-window-tokens", action="store_true", help="ablation: no window tokens (and so no volume tokens)")
     p.add_argument("--no-volume-tokens", action="store_true", help="ablation: window tokens only")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
-    p.add_argument("--batch-size", type=int, default=2, help="crops per iteration and process")
+    p.add_argument("--epochs", type=Number(int, at_least=1), default=10)
+    p.add_argument("--iterations", type=Number(int, at_least=1), default=100, help="iterations per epoch")
+    p.add_argument("--batch-size", type=Number(int, at_least=1), default=2, help="crops per iteration and process")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd: the paper's (momentum 0.99, Nesterov); adamw")
-    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (1e-2 suits sgd, about 1e-3 adamw)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=Number(above=0), default=1e-2, help="learning rate (1e-2 suits sgd, about 1e-3 adamw)")
+    p.add_argument("--seed", type=Number(int, at_least=0), default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--target-spacing", type=float, nargs=3, default=[3.0, 3.0, 6.0], metavar=("X", "Y", "Z"), help="mm")
-    p.add_argument("--bank-probability", type=float, default=0.5, help="share of iterations that start from a carried bank")
+    p.add_argument("--target-spacing", type=NumberList(3, "a spacing", "3,3,6", positive=True), default=(3.0, 3.0, 6.0),
+                   metavar="X,Y,Z", help="mm (commas or spaces)")
+    p.add_argument("--bank-probability", type=Number(at_least=0, at_most=1), default=0.5, help="share of iterations that start from a carried bank")
+    p.add_argument("--augment", choices=["none", "light", "ct"], default="ct",
+                   help="augmentation: ct (default: intensity, contrast, noise, blur/sharpen, low resolution, rotation, tilt, "
+                   "scaling of real CT), light (the demo model's: rotation, scaling, small intensity changes) or none")
+    p.add_argument("--fov-probability", type=Number(at_least=0, at_most=1), default=0.5,
+                   help="share of samples cut from a random partial field of view (slab, tight or off-centre) of their case")
     p.add_argument("--label-map", default="identity", help="bcv, identity, or pairs like 6:5,7:6 (file value:organ value)")
     p.add_argument("--hold-out", nargs="*", metavar="CASE", help="case ids kept out of training")
     p.add_argument("--resume", help="continue from a checkpoint_latest.pt")

@@ -77,6 +77,17 @@ class Evaluation:
         values = [v for v in values if not math.isnan(v)]
         return float(np.mean(values)) if values else float("nan")
 
+    def case_means(self, metric: str = "dice") -> dict[str, float]:
+        """{case: mean of ``metric`` over the organs of its reference} (organs without a value left out)."""
+        out = {}
+        for case, organs in self.cases.items():
+            values = [m[metric] for m in organs.values() if metric in m and not math.isnan(m[metric])]
+            out[case] = float(np.mean(values)) if values else float("nan")
+        return out
+
+    def subset(self, case_ids) -> "Evaluation":
+        return Evaluation(self.name, {c: self.cases[c] for c in case_ids if c in self.cases})
+
     def swaps(self) -> str:
         """One line: the mean share of each confusable organ given to its partner (%)."""
         shares = {o: self.organ_mean(o, "swapped") for o in CONFUSABLE}
@@ -122,18 +133,23 @@ def per_case_csv(evaluation: Evaluation) -> str:
 def evaluate(segmenter, data: str, case_ids: list[str] | None = None, label_map: str = "identity", name: str | None = None,
              progress: bool = True) -> Evaluation:
     """Segment every labelled case of a dataset folder (or the listed ones) and score it."""
+    from .data.datasets import parse_label_map, select_cases
+
+    return evaluate_cases(segmenter, select_cases(data, case_ids), parse_label_map(label_map), name, progress)
+
+
+def evaluate_cases(segmenter, cases, mapping: dict[int, int] | None = None, name: str | None = None, progress: bool = True) -> Evaluation:
+    """Segment and score ``cases`` (``CaseFiles``: an id, an image and its reference label map)."""
     from tqdm import tqdm
 
-    from .data.datasets import map_labels, parse_label_map, select_cases
+    from .data.datasets import LABEL_MAPS, map_labels
     from .io import read_volume
 
-    mapping = parse_label_map(label_map)
-    cases = select_cases(data, case_ids)
     result = Evaluation(name or segmenter.model_name)
     for c in tqdm(cases, desc="evaluating", unit="case", disable=not progress):
         image = read_volume(c.image)
         reference = read_volume(c.label, kind="label")
-        reference = Volume(map_labels(reference.array, mapping), reference.geometry)
+        reference = Volume(map_labels(reference.array, mapping or LABEL_MAPS["identity"]), reference.geometry)
         prediction = segmenter.segment(image).labels
         result.cases[c.case_id] = case_metrics(prediction, reference)
     return result

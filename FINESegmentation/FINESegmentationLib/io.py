@@ -171,10 +171,15 @@ def _read_image_file(path: Path) -> sitk.Image:
         raise unreadable from None
 
 
-def _read_dicom_folder(folder: Path) -> sitk.Image:
+def dicom_series_ids(folder: PathLike) -> tuple[str, ...]:
+    """The DICOM series directly in ``folder`` (none for a folder of other files)."""
     with _itk_warnings_off():
-        # GDCM prints a warning to the console for a folder without DICOM; the InputError below says it better.
-        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        # GDCM prints a warning to the console for a folder without DICOM; callers say it better.
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def _read_dicom_folder(folder: Path) -> sitk.Image:
+    series_ids = dicom_series_ids(folder)
     if not series_ids:
         raise InputError(
             f"{folder} is a folder with no DICOM series in it; choose the folder that directly holds "

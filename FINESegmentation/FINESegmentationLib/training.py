@@ -6,8 +6,11 @@ with deep supervision (full and half resolution, weights 1 and 0.5); SGD with
 momentum 0.99 and Nesterov (or AdamW, ``optimizer="adamw"``, which converges in fewer
 iterations where compute is short), polynomial learning-rate decay (power 0.9), gradient
 clipping at 12, mixed precision (bf16) on CUDA; never-visited volume tokens masked.
-Augmentation (MONAI): small in-plane rotations, scaling, intensity scale/shift and
-noise. No mirroring: left and right kidney differ only by their side of the body.
+Augmentation (MONAI, ``augmentation.py``): ``ct`` (the default) covers the intensity,
+resolution and geometry variation of real CT; ``light`` is the demo model's; no mirroring.
+Partial fields of view (``sampling.py``): with ``fov_probability`` a sample is cut from a
+random sub-volume of the case (a slab, a tight or off-centre field of view), its position
+taken as inference would take it on a scan of that sub-volume alone.
 
 Accumulated banks: inference runs the ``accumulate`` bank by default, so in a share
 of the iterations (``bank_probability``) every sample first runs one or two other crops
@@ -32,14 +35,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai.losses import DiceCELoss
-from monai.transforms import Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd
 
+from .augmentation import STRENGTHS, training_augmentation
 from .checkpoints import ModelInfo, Preprocessing, read_checkpoint, resolve_model, save_checkpoint
 from .data.datasets import PreparedCase, find_cases, largest_in_plane_size, load_prepared, parse_label_map
 from .errors import InputError
 from .inference import resolve_device
 from .io import read_volume
 from .model import FINE, get_config
+from .sampling import Crop, CropSampler
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,8 @@ class TrainSettings:
     target_spacing: tuple[float, float, float] = (3.0, 3.0, 6.0)  # (x, y, z) mm
     foreground_fraction: float = 0.33
     bank_probability: float = 0.5
+    augment: str = "ct"  # "none", "light" (the demo model's) or "ct" (real CT of any scanner and phase)
+    fov_probability: float = 0.5  # share of samples cut from a random partial field of view of their case
     label_map: str = "identity"
     validation_cases: list[str] = field(default_factory=list)  # case ids kept out of training
     resume: str | None = None
@@ -91,52 +97,6 @@ def intensity_statistics(cases, mapping, samples_per_case: int = 20000, seed: in
     return (float(lo), float(hi)), float(v.mean()), float(v.std())
 
 
-class CropSampler:
-    """Random crops of prepared cases, with their positions relative to the padded volume centre
-    (the same frame inference uses: MONAI pads a small volume by diff // 2 in front)."""
-
-    def __init__(self, cases: list[PreparedCase], crop: tuple[int, int, int], air: float, foreground_fraction: float, rng: np.random.Generator) -> None:
-        self.crop = np.array(crop)
-        self.fg = foreground_fraction
-        self.rng = rng
-        self.cases = []
-        for c in cases:
-            shape = np.array(c.image.shape)
-            diff = np.maximum(self.crop - shape, 0)
-            pad = [(d // 2, d - d // 2) for d in diff]
-            image = np.pad(c.image, pad, constant_values=air) if diff.any() else c.image
-            label = np.pad(c.label, pad) if diff.any() else c.label
-            organs = {v: np.argwhere(label == v) for v in np.unique(label) if v}
-            self.cases.append((image, label, organs))
-
-    def sample(self, index: int | None = None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-        """(case index, image crop, label crop, position (z, y, x))."""
-        i = int(self.rng.integers(len(self.cases))) if index is None else index
-        image, label, organs = self.cases[i]
-        shape = np.array(image.shape)
-        high = shape - self.crop
-        if organs and self.rng.random() < self.fg:
-            voxels = organs[list(organs)[int(self.rng.integers(len(organs)))]]
-            centre = voxels[int(self.rng.integers(len(voxels)))]
-            start = np.clip(centre - self.crop // 2, 0, high)
-        else:
-            start = np.array([int(self.rng.integers(h + 1)) for h in high])
-        sl = tuple(slice(s, s + c) for s, c in zip(start, self.crop))
-        position = (2 * start + self.crop - shape) / 2.0
-        return i, image[sl], label[sl], position
-
-
-def _augment() -> Compose:
-    return Compose([
-        # Rotation about the z axis only (in-plane), as CT is acquired; scaling 0.85-1.15.
-        RandAffined(keys=["image", "label"], prob=0.3, rotate_range=(np.pi / 12, 0, 0), scale_range=(0.15, 0.15, 0.15),
-                    mode=("bilinear", "nearest"), padding_mode="border"),
-        RandScaleIntensityd(keys="image", factors=0.1, prob=0.3),
-        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.3),
-        RandGaussianNoised(keys="image", std=0.05, prob=0.2),
-    ])
-
-
 def _distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -149,6 +109,10 @@ def train(settings: TrainSettings) -> Path:
     """Train a FINE model; returns the path of the final checkpoint (``<out>/model.pt``)."""
     if settings.optimizer not in ("sgd", "adamw"):
         raise InputError(f"Unknown optimizer '{settings.optimizer}'; use sgd or adamw.")
+    if settings.augment not in STRENGTHS:
+        raise InputError(f"Unknown augmentation '{settings.augment}'; use one of: {', '.join(STRENGTHS)}.")
+    if not 0.0 <= settings.fov_probability <= 1.0:
+        raise InputError(f"--fov-probability must lie between 0 and 1, not {settings.fov_probability:g}.")
     if settings.resume and settings.init:
         raise InputError("Give either --resume (continue a run) or --init (start a new run from a model's weights), not both.")
     rank, world, local_rank = _distributed()
@@ -160,6 +124,7 @@ def train(settings: TrainSettings) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng([settings.seed, rank])
+    augment_rng = np.random.default_rng([settings.seed, rank, 1])  # its own stream: the crops drawn do not depend on it
 
     mapping = parse_label_map(settings.label_map)
     all_cases = find_cases(settings.data)
@@ -217,10 +182,10 @@ def train(settings: TrainSettings) -> Path:
         optimizer.load_state_dict(extra["optimizer"])
         scheduler.load_state_dict(extra["scheduler"])
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    augment = _augment()
-    augment.set_random_state(seed=settings.seed + rank)
+    augment = training_augmentation(settings.augment, info.preprocessing)
     air = (info.preprocessing.clip[0] - info.preprocessing.mean) / info.preprocessing.std
-    sampler = CropSampler(prepared, cfg.crop_size, air, settings.foreground_fraction, rng)
+    sampler = CropSampler(prepared, cfg.crop_size, air, settings.foreground_fraction, rng,
+                          fov_probability=settings.fov_probability, spacing=info.preprocessing.target_spacing)
     autocast = torch.bfloat16 if device.type == "cuda" else None
 
     info.training = {
@@ -246,17 +211,15 @@ def train(settings: TrainSettings) -> Path:
         bar = tqdm(range(settings.iterations), desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not (settings.progress and rank == 0))
         for it in bar:
             batch = [sampler.sample() for _ in range(settings.batch_size)]
-            items = [augment({"image": img[None], "label": lab[None]}) for _, img, lab, _ in batch]
-            x = torch.stack([torch.as_tensor(d["image"]) for d in items]).float().to(device)
-            y = torch.stack([torch.as_tensor(d["label"]) for d in items]).long().to(device)
-            positions = torch.tensor(np.stack([p for *_, p in batch]), dtype=torch.float32, device=device)
+            # One seed per sample: its warm-up crops get the same augmentation draws (one scan, one scanner).
+            seeds = [int(s) for s in augment_rng.integers(2**31, size=len(batch))]
+            x, y, positions = _to_batch(batch, seeds, augment, device)
             state = None
             if cfg.volume_tokens and rng.random() < settings.bank_probability:
                 with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                     for _ in range(int(rng.integers(1, 3))):
-                        warm = [sampler.sample(i) for i, *_ in batch]
-                        wx = torch.as_tensor(np.stack([w[1] for w in warm]))[:, None].float().to(device)
-                        wp = torch.tensor(np.stack([w[3] for w in warm]), dtype=torch.float32, device=device)
+                        warm = [sampler.sample(c.case, c.region) for c in batch]
+                        wx, _, wp = _to_batch(warm, seeds, augment, device)
                         state = model(wx, wp, state).state
                 state = state.detach()
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
@@ -290,6 +253,18 @@ def train(settings: TrainSettings) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def _to_batch(crops: list[Crop], seeds: list[int], augment, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Augmented images [B, 1, z, y, x], labels [B, 1, z, y, x] and positions [B, 3] of crops."""
+    items = []
+    for crop, seed in zip(crops, seeds):
+        augment.set_random_state(seed=seed)
+        items.append(augment({"image": crop.image[None], "label": crop.label[None]}))
+    x = torch.stack([torch.as_tensor(d["image"]) for d in items]).float().to(device)
+    y = torch.stack([torch.as_tensor(d["label"]) for d in items]).long().to(device)
+    positions = torch.tensor(np.stack([c.position for c in crops]), dtype=torch.float32, device=device)
+    return x, y, positions
 
 
 def _sync_visits(model: FINE, at_sync: torch.Tensor, world: int) -> torch.Tensor:

@@ -5,6 +5,9 @@ memorizing plug-in), ``prompt_encoder``, ``mask_decoder`` (two-way transformer),
 (the external kNN memory), ``sam3d`` (the model), ``build`` (configs, checkpoints),
 ``crop`` (the cube around a segment), ``clicks`` (simulated clicks), ``training``,
 ``evaluation`` and ``predictor`` (:class:`RefinerPredictor`, the API the CLI and Slicer use).
+
+``litemedsam/`` holds the second refiner: LiteMedSAM, a pretrained medical SAM prompted by boxes,
+applied slice by slice (:class:`~.litemedsam.predictor.SlicePredictor`, refine-all).
 """
 
 

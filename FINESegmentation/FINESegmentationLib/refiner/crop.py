@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from ..labels import ORGANS
 from ..volume import Geometry, Volume
-from .build import RefinerConfig
+from .config import RefinerConfig
 
 AIR_HU = -1024.0
 

@@ -24,28 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .build import RefinerConfig
-from .memory import RetrievedMemory
-
-
-def memory_attention(q: torch.Tensor, memory: RetrievedMemory) -> torch.Tensor:
-    """sum_j w_j softmax(Q K_j^T / sqrt(d)) V_j.
-
-    q: (B, H, N, d); memory.keys / values: (B, K, H, M, d); memory.weights: (B, K).
-    Returns (B, H, N, d).
-    """
-    b, k, h, m, d = memory.keys.shape
-    n = q.shape[2]
-    queries = q.unsqueeze(1).expand(b, k, h, n, d).reshape(b * k, h, n, d)
-    per_example = F.scaled_dot_product_attention(
-        queries, memory.keys.reshape(b * k, h, m, d).to(q.dtype), memory.values.reshape(b * k, h, m, d).to(q.dtype)
-    ).reshape(b, k, h, n, d)
-    return torch.einsum("bk,bkhnd->bhnd", memory.weights.to(q.dtype), per_example)
-
-
-def fuse(local: torch.Tensor, remembered: torch.Tensor, local_ratio: float) -> torch.Tensor:
-    """The paper's fusion by a preset local ratio: ``r * local + (1 - r) * memory`` (any matching shapes)."""
-    return local_ratio * local + (1.0 - local_ratio) * remembered
+from .config import RefinerConfig
+from .memory import RetrievedMemory, fuse, memory_attention
 
 
 class Attention(nn.Module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .build import RefinerConfig
+from .config import RefinerConfig
 
 
 class MLP(nn.Module):

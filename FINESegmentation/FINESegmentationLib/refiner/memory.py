@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import CheckpointError
 
@@ -51,6 +52,26 @@ def distance_weights(distances: torch.Tensor, eps: float = 1e-3) -> torch.Tensor
     """
     inverse = 1.0 / (distances.clamp_min(0) + eps)
     return inverse / inverse.sum(dim=-1, keepdim=True)
+
+
+def memory_attention(q: torch.Tensor, memory: RetrievedMemory) -> torch.Tensor:
+    """sum_j w_j softmax(Q K_j^T / sqrt(d)) V_j.
+
+    q: (B, H, N, d); memory.keys / values: (B, K, H, M, d); memory.weights: (B, K).
+    Returns (B, H, N, d).
+    """
+    b, k, h, m, d = memory.keys.shape
+    n = q.shape[2]
+    queries = q.unsqueeze(1).expand(b, k, h, n, d).reshape(b * k, h, n, d)
+    per_example = F.scaled_dot_product_attention(
+        queries, memory.keys.reshape(b * k, h, m, d).to(q.dtype), memory.values.reshape(b * k, h, m, d).to(q.dtype)
+    ).reshape(b, k, h, n, d)
+    return torch.einsum("bk,bkhnd->bhnd", memory.weights.to(q.dtype), per_example)
+
+
+def fuse(local: torch.Tensor, remembered: torch.Tensor, local_ratio: float) -> torch.Tensor:
+    """The paper's fusion by a preset local ratio: ``r * local + (1 - r) * memory`` (any matching shapes)."""
+    return local_ratio * local + (1.0 - local_ratio) * remembered
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

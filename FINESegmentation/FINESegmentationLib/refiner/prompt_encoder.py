@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from .build import RefinerConfig
+from .config import RefinerConfig
 
 
 class PositionEmbeddingRandom3D(nn.Module):

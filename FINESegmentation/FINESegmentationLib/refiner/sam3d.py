@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .build import RefinerConfig
+from .config import RefinerConfig
 from .image_encoder import ImageEncoder3D
 from .mask_decoder import MaskDecoder3D
 from .memory import ExternalMemory, RetrievedMemory

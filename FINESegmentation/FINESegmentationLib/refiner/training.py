@@ -37,7 +37,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from ..errors import InputError
-from .build import RefinerConfig, build_refiner, refiner_config, save_refiner
+from .build import build_refiner, save_refiner
+from .config import RefinerConfig, refiner_config
 from .clicks import next_click
 from .crop import TrainingCrop, crop_for_segment, organ_crops
 from .memory import RetrievedMemory, distance_weights

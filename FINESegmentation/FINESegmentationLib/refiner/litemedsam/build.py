@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from ...errors import CheckpointError
 from .image_encoder import TinyViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
-from .transformer import TwoWayTransformer
+from .transformer import SiteMemory, TwoWayTransformer
 
 KIND = "refiner-2d"
 DEFAULT_WEIGHTS = "litemedsam"
@@ -44,13 +44,14 @@ class LiteMedSAM(nn.Module):
 
     def decode(self, embedding: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
                boxes: torch.Tensor | None = None, masks: torch.Tensor | None = None,
-               multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               multimask: bool = False, memory: Mapping[str, SiteMemory] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One image embedding (1, 256, 64, 64) and B prompts -> (mask logits (B, M, 256, 256), IoU (B, M)).
 
         points: ((B, N, 2) pixel (x, y) of the model input, (B, N) labels 1/0); boxes: (B, 4) pixel
-        (x0, y0, x1, y1); masks: (B, 1, 256, 256) logits. M is 1, or 3 with ``multimask``."""
+        (x0, y0, x1, y1); masks: (B, 1, 256, 256) logits. M is 1, or 3 with ``multimask``. memory: what the
+        decoder's attentions read from a memory (:meth:`.memory.SliceMemory.read`; None: the published model)."""
         sparse, dense = self.prompt_encoder(points, boxes, masks)
-        return self.mask_decoder(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
+        return self.mask_decoder(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask, memory)
 
 
 def build_litemedsam() -> LiteMedSAM:

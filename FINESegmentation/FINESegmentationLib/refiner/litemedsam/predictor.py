@@ -41,12 +41,13 @@ import torch
 from ...errors import InputError
 from ...volume import Volume
 from .build import LiteMedSAM, load_litemedsam
-from .slices import CT_WINDOW, SliceFrame, SliceInput
+from .memory import SliceMemory, load_slice_memory
+from .slices import CT_WINDOW, SliceFrame, SliceInput, enlarged_box, mask_box  # noqa: F401 (mask_box: imported from here too)
 
 
 @dataclass(frozen=True)
 class PropagationSettings:
-    """How a prompt spreads from slice to slice (the defaults are the values measured best in README)."""
+    """How a prompt spreads from slice to slice (README measures the defaults against variants on a real CT)."""
 
     box_margin_mm: float = 5.0
     mask_prompt: bool = False
@@ -72,22 +73,16 @@ class Prediction:
 
     mask: bool [z, y, x] on the volume's grid; drawn: predicted IoU of every frame slice redrawn (the
     organ's extent there); prompted: the frame slices prompted directly; stops: why propagation ended
-    on each side ("up"/"down" -> reason); timings: seconds of embedding, decoding and in total.
+    on each side ("up"/"down" -> reason); used_memory: whether the memory was read; timings: seconds of
+    embedding, decoding and in total.
     """
 
     mask: np.ndarray
+    used_memory: bool = False
     drawn: dict[int, float] = field(default_factory=dict)
     prompted: list[int] = field(default_factory=list)
     stops: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """(x0, y0, x1, y1) pixel bounds (inclusive) of a 2-D mask, or None when it is empty."""
-    ys, xs = np.nonzero(mask)
-    if not len(xs):
-        return None
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -99,20 +94,31 @@ class SlicePredictor:
     """LiteMedSAM loaded once; one volume at a time, its slice embeddings cached.
 
     model: a registered weights name, a weights file, None (the bundled ``litemedsam``) or a
-    :class:`~.build.LiteMedSAM`. window: the CT window in HU.
+    :class:`~.build.LiteMedSAM`. window: the CT window in HU. memory: None, a registered memory name, a
+    memory file or a :class:`~.memory.SliceMemory` built with these weights; ``use_memory`` (on when a
+    memory is given) or ``predict(use_memory=...)`` switches it.
     """
 
     def __init__(self, model: Any = None, device: str | torch.device = "cpu", settings: PropagationSettings | None = None,
-                 cache_slices: int = 128, window: tuple[float, float] = CT_WINDOW) -> None:
+                 cache_slices: int = 128, window: tuple[float, float] = CT_WINDOW, memory: Any = None) -> None:
         self.device = torch.device(device)
         self.model: LiteMedSAM = model if isinstance(model, LiteMedSAM) else load_litemedsam(model)[0]
         self.model = self.model.to(self.device).eval()
+        self.memory: SliceMemory | None = memory if memory is None or isinstance(memory, SliceMemory) else load_slice_memory(memory)
+        if self.memory is not None:
+            self.memory.check_compatible(self.model)
+        self.use_memory = self.memory is not None
         self.settings = settings or PropagationSettings()
         self.cache_slices = cache_slices
         self.window = window
         self._volume: Volume | None = None
         self._embeddings: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.embed_seconds = 0.0
+
+    @property
+    def has_memory(self) -> bool:
+        """Whether a memory is loaded (what ``use_memory`` can switch on)."""
+        return self.memory is not None
 
     # ------------------------------------------------------------------ volume and embeddings
 
@@ -161,34 +167,43 @@ class SlicePredictor:
 
     # ------------------------------------------------------------------ one slice
 
+    def _memory_reads(self, use_memory: bool | None) -> bool:
+        on = self.use_memory if use_memory is None else use_memory
+        if on and self.memory is None:
+            raise InputError("No memory is loaded; give SlicePredictor(memory=...) or predict without memory.")
+        return on
+
     def slice_logits(self, k: int, box: np.ndarray | None = None, points: np.ndarray | None = None,
-                     labels: np.ndarray | None = None, mask_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+                     labels: np.ndarray | None = None, mask_logits: torch.Tensor | None = None,
+                     use_memory: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Prompt frame slice ``k``: box (x0, y0, x1, y1) and clicks (N, 2) in slice pixels (x, y), labels (N,)
-        1/0, mask_logits (1, 1, 256, 256). Returns (slice logits (H, W), model-input logits, predicted IoU)."""
+        1/0, mask_logits (1, 1, 256, 256); the memory is read when ``use_memory`` (None: ``self.use_memory``).
+        Returns (slice logits (H, W), model-input logits, predicted IoU)."""
         embedding = self.embedding(k)
         prompt_points = None
         if points is not None and len(points):
             prompt_points = (self.inputs.points(points).to(self.device),
                              torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(1, -1).to(self.device))
         boxes = self.inputs.box(box).to(self.device) if box is not None else None
+        memory = None
+        if self._memory_reads(use_memory):
+            # The search key is the box's part of the slice; clicks alone search with the whole slice.
+            region = boxes[0] if boxes is not None else torch.tensor([0.0, 0.0, self.inputs.new_width - 1, self.inputs.new_height - 1])
+            memory = self.memory.read(embedding, region)
         with torch.inference_mode():
-            logits, iou = self.model.decode(embedding, prompt_points, boxes, mask_logits)
+            logits, iou = self.model.decode(embedding, prompt_points, boxes, mask_logits, memory=memory)
         return self.inputs.to_slice(logits)[0].cpu(), logits, float(iou[0, 0])
 
     def predict_slice(self, k: int, box: np.ndarray | None = None, points: np.ndarray | None = None,
-                      labels: np.ndarray | None = None, mask_logits: torch.Tensor | None = None) -> SliceAnswer:
+                      labels: np.ndarray | None = None, mask_logits: torch.Tensor | None = None,
+                      use_memory: bool | None = None) -> SliceAnswer:
         """:meth:`slice_logits` thresholded at 0 (probability 0.5): the mask (H, W) of frame slice ``k``."""
-        slice_logits, logits, iou = self.slice_logits(k, box, points, labels, mask_logits)
+        slice_logits, logits, iou = self.slice_logits(k, box, points, labels, mask_logits, use_memory)
         return SliceAnswer(slice_logits.numpy() > 0, logits, iou)
 
     def enlarged_box(self, mask: np.ndarray, margin_mm: float | None = None) -> np.ndarray | None:
         """The box around a frame-slice mask, enlarged by ``margin_mm`` (default ``box_margin_mm``) and kept inside the slice."""
-        box = mask_box(mask)
-        if box is None:
-            return None
-        margin = (self.settings.box_margin_mm if margin_mm is None else margin_mm) / np.array(self.frame.spacing[:2])
-        h, w = mask.shape
-        return np.clip(box + np.concatenate([-margin, margin]), 0, [w - 1, h - 1, w - 1, h - 1])
+        return enlarged_box(mask, self.frame.spacing[:2], self.settings.box_margin_mm if margin_mm is None else margin_mm)
 
     # ------------------------------------------------------------------ prompts in 3-D
 
@@ -212,16 +227,25 @@ class SlicePredictor:
     def _slice_of(self, z: float) -> int:
         return int(np.clip(np.floor(z + 0.5), 0, self.frame.shape[0] - 1))
 
+    def slices_of(self, points: Any, point_space: str = "ras") -> np.ndarray:
+        """The frame slice (N,) each point (N, 3) prompts, as :meth:`predict` places clicks and box corners;
+        points outside the volume are refused."""
+        self._require_volume()
+        return np.array([self._slice_of(z) for z in self._to_frame(points, point_space, "Point")[:, 2]], dtype=np.int64)
+
     def predict(self, box: Sequence[Sequence[float]] | np.ndarray | None = None,
                 points: Sequence[Sequence[float]] | np.ndarray | None = None, labels: Sequence[int] | np.ndarray | None = None,
-                previous_mask: np.ndarray | None = None, point_space: str = "ras", propagate: bool = True) -> Prediction:
+                previous_mask: np.ndarray | None = None, point_space: str = "ras", propagate: bool = True,
+                use_memory: bool | None = None) -> Prediction:
         """Segment or correct one segment.
 
         box: two opposite corners (2, 3) of a box (RAS mm, or source (i, j, k) with ``point_space="ijk"``);
         points: clicks (N, 3) in the same space, labels (N,) 1 add / 0 remove; previous_mask: bool
-        [z, y, x] on the volume's grid (the segment so far; None: empty). Nothing changes on a refusal.
+        [z, y, x] on the volume's grid (the segment so far; None: empty); use_memory: read the memory on
+        every slice drawn (None: ``self.use_memory``). Nothing changes on a refusal.
         """
         self._require_volume()
+        use_memory = self._memory_reads(use_memory)
         start = time.perf_counter()
         embed_before = self.embed_seconds
         previous = np.zeros(self._volume.shape, bool) if previous_mask is None else np.asarray(previous_mask).astype(bool)
@@ -237,8 +261,9 @@ class SlicePredictor:
             raise InputError("Give a box or at least one click to refine the segment with.")
         anchors = self._anchors(box, point_space, clicks, click_labels)
         current = self.frame.to_frame(previous).copy()
-        result = Prediction(mask=previous)
+        result = Prediction(mask=previous, used_memory=use_memory)
         for k, rect, z_range, on_slice, on_labels in anchors:
+            settle = rect is None  # clicks correct the segment locally; a box redraws the organ
             if rect is None:
                 rect = self.enlarged_box(current[k])
             if rect is None:
@@ -246,8 +271,7 @@ class SlicePredictor:
                     f"The clicks on slice {k + 1} fall where the segment is empty; draw a box around the organ there "
                     "(LiteMedSAM answers boxes; clicks alone give nothing until its click-trained decoder exists)."
                 )
-            answer = self.predict_slice(k, rect, on_slice, on_labels)
-            settle = z_range is None and current.any()  # clicks correct the segment locally
+            answer = self.predict_slice(k, rect, on_slice, on_labels, use_memory=use_memory)
             before = current.copy()
             current[k] = answer.mask
             result.prompted.append(k)
@@ -255,7 +279,8 @@ class SlicePredictor:
             if propagate:
                 limits = z_range or (0, self.frame.shape[0] - 1)
                 for direction, name in ((1, "up"), (-1, "down")):
-                    result.stops[name] = self._propagate(k, direction, answer, limits, current, before if settle else None, result.drawn)
+                    result.stops[name] = self._propagate(k, direction, answer, limits, current, before if settle else None, result.drawn,
+                                                         use_memory)
         result.mask = self.frame.from_frame(current)
         result.timings = {"embed_s": self.embed_seconds - embed_before, "total_s": time.perf_counter() - start}
         result.timings["decode_s"] = result.timings["total_s"] - result.timings["embed_s"]
@@ -284,7 +309,7 @@ class SlicePredictor:
         return anchors
 
     def _propagate(self, k: int, direction: int, answer: SliceAnswer, limits: tuple[int, int], current: np.ndarray,
-                   settle_on: np.ndarray | None, drawn: dict[int, float]) -> str:
+                   settle_on: np.ndarray | None, drawn: dict[int, float], use_memory: bool = False) -> str:
         """Redraw slices k + direction, k + 2 direction, ... from their neighbour's mask; returns why it stopped."""
         s = self.settings
         pixel_mm2 = self.frame.spacing[0] * self.frame.spacing[1]
@@ -296,7 +321,7 @@ class SlicePredictor:
             if rect is None:
                 return "empty"
             mask_logits = source.logits if s.mask_prompt else None
-            nxt = self.predict_slice(z, rect, mask_logits=mask_logits)
+            nxt = self.predict_slice(z, rect, mask_logits=mask_logits, use_memory=use_memory)
             area = int(nxt.mask.sum())
             if area * pixel_mm2 < s.min_area_mm2:
                 reason = "organ ended (mask too small)"

@@ -133,9 +133,20 @@ class SliceInput:
         x = logits[..., : self.new_height, : self.new_width]
         return F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False)[:, 0]
 
-    def mask_logits(self, mask: np.ndarray, magnitude: float = 8.0) -> torch.Tensor:
-        """A slice mask (H, W) bool -> (1, 1, 256, 256) logits (+-``magnitude``) for the prompt encoder's mask input."""
-        x = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-        x = F.interpolate(x, size=(self.new_height, self.new_width), mode="bilinear", align_corners=False)
-        x = F.pad((2 * x - 1) * magnitude, (0, IMAGE_SIZE - self.new_width, 0, IMAGE_SIZE - self.new_height), value=-magnitude)
-        return x
+
+def mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """(x0, y0, x1, y1) pixel bounds (inclusive) of a 2-D mask, or None when it is empty."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return None
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
+
+
+def enlarged_box(mask: np.ndarray, spacing_xy: tuple[float, float], margin_mm: float) -> np.ndarray | None:
+    """The box around a 2-D mask (H, W), enlarged by ``margin_mm`` (pixel spacing (x, y) mm) and kept inside it."""
+    box = mask_box(mask)
+    if box is None:
+        return None
+    margin = margin_mm / np.asarray(spacing_xy, dtype=np.float64)
+    h, w = mask.shape
+    return np.clip(box + np.concatenate([-margin, margin]), 0, [w - 1, h - 1, w - 1, h - 1])
