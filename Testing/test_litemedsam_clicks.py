@@ -2,17 +2,22 @@
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from FINESegmentationLib.checkpoints import sha256_of
+from FINESegmentationLib.checkpoints import read_registry, sha256_of
 from FINESegmentationLib.cli import main
-from FINESegmentationLib.errors import CheckpointError
+from FINESegmentationLib.errors import CheckpointError, InputError
+from FINESegmentationLib.io import read_segmentation, read_volume, write_segmentation
+from FINESegmentationLib.labels import ORGAN_BY_NAME
+from FINESegmentationLib.refiner.clicks import deepest_click
 from FINESegmentationLib.refiner.litemedsam.build import load_litemedsam
-from FINESegmentationLib.refiner.litemedsam.click_weights import load_litemedsam_clicks, save_click_weights
+from FINESegmentationLib.refiner.litemedsam.click_weights import load_litemedsam_clicks, save_click_weights, slice_weights
 from FINESegmentationLib.refiner.litemedsam.clicks import jittered_box, training_click, uniform_click
+from FINESegmentationLib.refiner.litemedsam.predictor import SlicePredictor
 from FINESegmentationLib.refiner.litemedsam.slice_cache import CacheSource, build_cache
 from FINESegmentationLib.refiner.litemedsam.training import ClickTrainer, ClickTrainSettings
 from FINESegmentationLib.resources import models_dir
@@ -133,3 +138,90 @@ def test_litemedsam_train_refuses_bad_options_in_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--resume" in err and err.count("\n") == 0, "an existing checkpoint is not overwritten without --resume"
     shutil.rmtree(out)
+
+
+def test_click_tuned_litemedsam_weights_are_the_default_once_registered(tmp_path):
+    registry = {"models": [{"name": "litemedsam", "kind": "refiner-2d", "file": "litemedsam.pt", "sha256": "0" * 64}]}
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps(registry))
+    assert slice_weights(None, path) == (None, False), "without click-tuned weights: the published ones"
+    registry["models"].append({"name": "litemedsam-clicks", "kind": "refiner-2d-clicks", "file": "c.pt", "sha256": "1" * 64})
+    path.write_text(json.dumps(registry))
+    assert slice_weights(None, path) == ("litemedsam-clicks", True), "registered click-tuned weights are the default"
+    assert slice_weights("litemedsam", path) == ("litemedsam", False), "a chosen model is kept"
+
+
+# ----------------------------------------------------------------------------- clicks in 3-D with the bundled click weights
+
+REAL = Path(__file__).parent / "data" / "ts-example-noncontrast"
+MEASURED_ONE_CLICK = 0.928  # Dice of the left kidney created by one click on the real CT (README)
+
+
+def _dice(a, b) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def test_the_bundled_click_weights_are_registered_and_the_slice_predictors_default():
+    entry = read_registry(kind="refiner-2d-clicks")["litemedsam-clicks"]
+    assert sha256_of(entry.path) == entry.sha256, "the bundled click weights are the registered file"
+    assert entry.path.stat().st_size < 10 * 2**20, "prompt encoder + mask decoder only, fp16"
+    predictor = SlicePredictor()
+    assert predictor.click_trained, "SlicePredictor() loads the click-tuned weights when they are registered"
+    assert not SlicePredictor("litemedsam").click_trained, "the published weights stay selectable"
+
+
+def test_the_box_that_comes_with_clicks_keeps_only_the_segment_near_a_positive_click():
+    geometry = Geometry(spacing=(1.0, 1.0, 3.0))
+    predictor = SlicePredictor(cache_slices=1)
+    predictor.set_volume(Volume(np.zeros((2, 80, 80), np.float32), geometry))
+    mask = np.zeros((80, 80), bool)
+    mask[10:20, 10:20] = True  # a part of the segment far (> 10 mm) from the click below
+    mask[50:60, 50:60] = True  # and one 4 mm from it
+    box = predictor.click_box(mask, np.array([[64.0, 55.0]]), np.array([1]))
+    assert np.allclose(box, [50 - 5, 50 - 5, 64 + 5, 59 + 5]), f"the near part and the click, 5 mm looser, got {box}"
+    assert predictor.click_box(mask, np.array([[35.0, 75.0]]), np.array([1])) is None, \
+        "a positive click far from every part of the segment comes alone (the segment there is another structure)"
+    assert np.allclose(predictor.click_box(mask, np.array([[15.0, 15.0]]), np.array([0])), [5, 5, 64, 64]), \
+        "negative clicks alone come with the box of the whole segment on the slice"
+
+
+def test_a_negative_click_where_the_segment_is_empty_is_refused_and_changes_nothing():
+    ct = read_volume(REAL / "ct.nii.gz")
+    predictor = SlicePredictor()
+    predictor.set_volume(ct)
+    previous = np.zeros(ct.shape, bool)
+    with pytest.raises(InputError, match="only remove") as refused:
+        predictor.predict(points=[[60.0, 50.0, 15.0]], labels=[0], previous_mask=previous, point_space="ijk")
+    assert "\n" not in str(refused.value) and predictor.cached_slices() == [] and not previous.any(), "one sentence, nothing computed"
+
+
+def _points_file(path: Path, ras_points: np.ndarray, positive: list[bool]) -> Path:
+    """A Slicer point list file (LPS); a negative click's label starts with '-'."""
+    points = [{"label": ("F-" if p else "-F-") + str(n + 1), "position": (np.asarray(r) * [-1, -1, 1]).tolist()}
+              for n, (r, p) in enumerate(zip(ras_points, positive))]
+    path.write_text(json.dumps({"markups": [{"type": "Fiducial", "coordinateSystem": "LPS", "controlPoints": points}]}))
+    return path
+
+
+def test_cli_one_click_creates_an_organ_missing_from_the_segmentation(tmp_path, capsys):
+    ct = read_volume(REAL / "ct.nii.gz")
+    labels = read_volume(REAL / "labels.nii.gz", kind="label")
+    left_kidney = ORGAN_BY_NAME["left kidney"].label
+    target = labels.array == left_kidney
+    others = labels.array.copy()
+    others[target] = 0
+    seg = write_segmentation(Volume(others, labels.geometry), tmp_path / "ct.seg.nrrd")
+    click = deepest_click(np.zeros_like(target), target, ct.geometry.spacing)
+    z, y, x = click.position
+    ras = (ct.geometry.ijk_to_ras() @ np.array([x, y, z, 1.0]))[:3]
+    out = tmp_path / "refined.seg.nrrd"
+    rc = main(["refine", str(REAL / "ct.nii.gz"), "--seg", str(seg), "--segment", "left kidney",
+               "--points", str(_points_file(tmp_path / "click.mrk.json", np.array([ras]), [True])), "-o", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "click-tuned LiteMedSAM with 1 click(s)" in captured.out and "warning" not in captured.err
+    after = read_segmentation(out).array
+    score = _dice(after == left_kidney, target)
+    assert score >= MEASURED_ONE_CLICK - 0.05, f"one click creates the absent left kidney (Dice {score:.3f}, measured {MEASURED_ONE_CLICK})"
+    kept = (others != 0) & (after != left_kidney)
+    assert np.array_equal(after[kept], others[kept]), "the other segments are kept where the kidney did not go"

@@ -71,5 +71,36 @@ def load_litemedsam_clicks(name_or_path: str | os.PathLike | None = None, base: 
             f"(sha256 {str(payload.get('base_sha256'))[:12]}...) or train it again."
         )
     apply_click_weights(model, payload, path)
+    model.click_trained = True
     return model.to(device).eval(), path
+
+
+def slice_weights(model: str | os.PathLike | None = None, registry: Any = None) -> tuple[str | None, bool]:
+    """(weights to load, whether they are click-tuned) for ``model``: None means the first registered click-tuned
+    weights (kind ``refiner-2d-clicks``) when there are any, else the published LiteMedSAM weights (None); a file
+    is click-tuned when it is a click weights payload."""
+    from ...checkpoints import read_registry
+
+    clicks = list(read_registry(registry, kind=CLICKS_KIND))
+    if model is None:
+        return (clicks[0], True) if clicks else (None, False)
+    if str(model) in clicks:
+        return str(model), True
+    path = Path(model)
+    if path.is_file() and path.stat().st_size < 64 * 2**20:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # not readable here: load_litemedsam refuses it in one sentence
+            return str(model), False
+        return str(model), isinstance(payload, dict) and payload.get("format") == FORMAT
+    return str(model), False
+
+
+def load_slice_model(model: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LiteMedSAM:
+    """LiteMedSAM for :class:`.predictor.SlicePredictor`: click-tuned (``click_trained`` True) or published weights,
+    as :func:`slice_weights` chooses."""
+    weights, tuned = slice_weights(model)
+    if tuned:
+        return load_litemedsam_clicks(weights, device=device)[0]
+    return load_litemedsam(weights, device=device)[0]
 
