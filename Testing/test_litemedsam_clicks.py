@@ -225,3 +225,30 @@ def test_cli_one_click_creates_an_organ_missing_from_the_segmentation(tmp_path, 
     assert score >= MEASURED_ONE_CLICK - 0.05, f"one click creates the absent left kidney (Dice {score:.3f}, measured {MEASURED_ONE_CLICK})"
     kept = (others != 0) & (after != left_kidney)
     assert np.array_equal(after[kept], others[kept]), "the other segments are kept where the kidney did not go"
+
+
+def _stub_answers(monkeypatch, predictor, answer_mask):
+    """predict_slice answers ``answer_mask`` on every slice (predicted IoU 0.9), without the network."""
+    from FINESegmentationLib.refiner.litemedsam.predictor import SliceAnswer
+
+    monkeypatch.setattr(predictor, "predict_slice", lambda k, *a, **kw: SliceAnswer(answer_mask.copy(), torch.zeros(1, 1, 256, 256), 0.9))
+
+
+def test_after_clicks_propagation_fills_gaps_corrects_near_and_keeps_the_segment_when_it_goes_astray(monkeypatch):
+    predictor = SlicePredictor(cache_slices=1)
+    predictor.set_volume(Volume(np.zeros((8, 64, 64), np.float32), Geometry(spacing=(1.0, 1.0, 3.0))))
+    organ = _disk((64, 64), (32, 32), 10)
+    previous = np.zeros((8, 64, 64), bool)
+    previous[4:7] = _disk((64, 64), (33, 32), 10)  # the segment holds slices 4-6
+    _stub_answers(monkeypatch, predictor, organ)
+    filled = predictor.predict(points=[[32.0, 32.0, 1.0]], labels=[1], previous_mask=previous, point_space="ijk")
+    assert filled.stops["up"] == "reached the segment" and np.array_equal(filled.mask[4:], previous[4:]), \
+        "a click where the segment is empty fills the gap and stops at the segment, which it keeps"
+    assert all(np.array_equal(filled.mask[z], organ) for z in range(4)) and filled.stops["down"] == "end of the volume", \
+        "slices 0-3 drawn from the click's slice down to the volume's end"
+
+    elsewhere = _disk((64, 64), (12, 12), 8)  # a correction whose propagation would leave the segment
+    _stub_answers(monkeypatch, predictor, elsewhere)
+    corrected = predictor.predict(points=[[32.0, 32.0, 5.0]], labels=[0], previous_mask=previous, point_space="ijk")
+    assert corrected.stops == {"up": "the redrawn slice left the previous segment", "down": "the redrawn slice left the previous segment"}
+    assert np.array_equal(corrected.mask[[4, 6]], previous[[4, 6]]), "the neighbours keep the segment"
