@@ -234,7 +234,7 @@ def _stub_answers(monkeypatch, predictor, answer_mask):
     monkeypatch.setattr(predictor, "predict_slice", lambda k, *a, **kw: SliceAnswer(answer_mask.copy(), torch.zeros(1, 1, 256, 256), 0.9))
 
 
-def test_after_clicks_propagation_fills_gaps_corrects_near_and_keeps_the_segment_when_it_goes_astray(monkeypatch):
+def test_after_clicks_propagation_fills_gaps_adds_or_removes_and_keeps_the_segment_when_it_goes_astray(monkeypatch):
     predictor = SlicePredictor(cache_slices=1)
     predictor.set_volume(Volume(np.zeros((8, 64, 64), np.float32), Geometry(spacing=(1.0, 1.0, 3.0))))
     organ = _disk((64, 64), (32, 32), 10)
@@ -249,6 +249,24 @@ def test_after_clicks_propagation_fills_gaps_corrects_near_and_keeps_the_segment
 
     elsewhere = _disk((64, 64), (12, 12), 8)  # a correction whose propagation would leave the segment
     _stub_answers(monkeypatch, predictor, elsewhere)
-    corrected = predictor.predict(points=[[32.0, 32.0, 5.0]], labels=[0], previous_mask=previous, point_space="ijk")
-    assert corrected.stops == {"up": "the redrawn slice left the previous segment", "down": "the redrawn slice left the previous segment"}
-    assert np.array_equal(corrected.mask[[4, 6]], previous[[4, 6]]), "the neighbours keep the segment"
+    mixed = predictor.predict(points=[[32.0, 32.0, 5.0], [40.0, 32.0, 5.0]], labels=[0, 1], previous_mask=previous, point_space="ijk")
+    assert mixed.stops == {"up": "the redrawn slice left the previous segment", "down": "the redrawn slice left the previous segment"}
+    assert np.array_equal(mixed.mask[[4, 6]], previous[[4, 6]]), "the neighbours keep the segment"
+
+    _stub_answers(monkeypatch, predictor, elsewhere)
+    added = predictor.predict(points=[[32.0, 32.0, 5.0]], labels=[1], previous_mask=previous, point_space="ijk")
+    assert np.array_equal(added.mask[5], previous[5] | elsewhere), "positive clicks near the segment only add to it"
+    removed = predictor.predict(points=[[32.0, 32.0, 5.0]], labels=[0], previous_mask=previous, point_space="ijk")
+    assert not removed.mask[5].any() and removed.mask[4].sum() <= previous[4].sum(), "negative clicks only remove"
+
+
+def test_with_honour_clicks_an_answer_that_ignores_the_clicks_changes_nothing(monkeypatch):
+    from FINESegmentationLib.refiner.litemedsam.predictor import PropagationSettings
+
+    predictor = SlicePredictor(cache_slices=1, settings=PropagationSettings(honour_clicks=True))
+    predictor.set_volume(Volume(np.zeros((4, 64, 64), np.float32), Geometry(spacing=(1.0, 1.0, 3.0))))
+    previous = np.zeros((4, 64, 64), bool)
+    previous[1:3] = _disk((64, 64), (32, 32), 10)
+    _stub_answers(monkeypatch, predictor, _disk((64, 64), (12, 12), 8))  # never holds the click at (32, 44)
+    result = predictor.predict(points=[[44.0, 32.0, 1.0], [32.0, 32.0, 1.0]], labels=[1, 0], previous_mask=previous, point_space="ijk")
+    assert np.array_equal(result.mask, previous) and result.stops["up"] == "the answer did not follow the clicks"

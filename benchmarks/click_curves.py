@@ -10,6 +10,9 @@ the way the issue's user study placed them. Refiners:
   weights. Each click re-prompts its slice together with the earlier clicks on that slice and
   re-propagates from there (what a Slicer session and ``fine-seg refine --points`` do); with the published
   weights a click where the slice is empty is refused, and the segment stays as it was (counted so).
+* ``litemedsam-clicks+memory``: the click-tuned weights reading a memory built over them (``--clicks-memory``:
+  ``fine-seg refiner-memory --refiner litemedsam --model`` with those weights; the bundled memory belongs to
+  the published weights), on every slice drawn.
 * ``memorizing-sam`` (``+memory``): the phantom-trained 3-D refiner, every click so far on FINE's segment
   (its crop around the segment), with and without its memory.
 
@@ -31,7 +34,7 @@ sys.path.insert(0, str(ROOT / "FINESegmentation"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 REAL_CT = ROOT.parent / "shared" / "data" / "real-ct" / "ts-example-noncontrast"
-REFINERS = ("litemedsam-clicks", "litemedsam", "memorizing-sam", "memorizing-sam+memory")
+REFINERS = ("litemedsam-clicks", "litemedsam-clicks+memory", "litemedsam", "memorizing-sam", "memorizing-sam+memory")
 TARGET_ORGANS = ("spleen", "right kidney", "left kidney", "liver")  # the organs of the target
 
 
@@ -127,7 +130,8 @@ def main() -> int:
     parser.add_argument("--synth", default="/work/data/synth-val", help="held-out synthetic dataset (nnU-Net layout)")
     parser.add_argument("--synth-cases", type=int, default=0, help="synthetic cases used, evenly spread (0: none)")
     parser.add_argument("--fine", default=None, help="FINE model for the starting segments (default: the registry's default)")
-    parser.add_argument("--refiners", nargs="+", default=list(REFINERS), choices=REFINERS)
+    parser.add_argument("--refiners", nargs="+", default=[r for r in REFINERS if r != "litemedsam-clicks+memory"], choices=REFINERS)
+    parser.add_argument("--clicks-memory", default=None, help="memory file built over the click-tuned weights (litemedsam-clicks+memory)")
     parser.add_argument("--organs", nargs="+", default=None, help="organ names (default: all eight)")
     parser.add_argument("--clicks", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
@@ -149,6 +153,8 @@ def main() -> int:
     slice_predictors = {}
     if "litemedsam-clicks" in args.refiners:
         slice_predictors["litemedsam-clicks"] = SlicePredictor("litemedsam-clicks")
+    if "litemedsam-clicks+memory" in args.refiners:
+        slice_predictors["litemedsam-clicks+memory"] = SlicePredictor("litemedsam-clicks", memory=args.clicks_memory)
     if "litemedsam" in args.refiners:
         slice_predictors["litemedsam"] = SlicePredictor("litemedsam")
     memorizing = None

@@ -21,8 +21,10 @@ How a prompt becomes a 3-D segment (``propagate=True``):
   slice and propagation stays inside its slices.
 * Clicks on a slice re-prompt that slice (with the box of the segment there, or the drawn box) and
   re-propagate from it, stopping also where the new slice agrees with the previous mask (Dice at
-  least ``settle_dice``): a local correction stays local. Clicks on a slice where the segment is empty
-  add the part it missed: their propagation stops at the first slice that holds the segment.
+  least ``settle_dice``): a local correction stays local. Positive clicks near the segment only add to
+  it and negative ones only remove (slice by slice, until that changes little); clicks on a slice where
+  the segment is empty add the part it missed, and their propagation stops at the first slice that holds
+  the segment. A correction keeps the segment on the slice where its propagation stops.
 * Slices that propagation does not reach keep ``previous_mask``.
 
 The published weights were trained with boxes only: with them, clicks on a slice where the segment is
@@ -64,6 +66,9 @@ class PropagationSettings:
     settle_dice: float = 0.95
     click_reach_mm: float = 10.0
     keep_dice: float = 0.5
+    settle_change: float = 0.05
+    monotone: bool = True
+    honour_clicks: bool = False
 
 
 @dataclass
@@ -91,6 +96,24 @@ class Prediction:
     prompted: list[int] = field(default_factory=list)
     stops: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def _follows(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether a slice mask holds every positive click (x, y) and none of the negative ones."""
+    h, w = mask.shape
+    for (x, y), label in zip(np.asarray(points).reshape(-1, 2), np.asarray(labels).reshape(-1)):
+        if bool(mask[int(np.clip(round(y), 0, h - 1)), int(np.clip(round(x), 0, w - 1))]) != bool(label == 1):
+            return False
+    return True
+
+
+def _combine(before: np.ndarray | None, answer: np.ndarray, mode: str) -> np.ndarray:
+    """A slice's new mask: positive clicks only add to the segment there, negative ones only remove from it."""
+    if mode == "add":
+        return before | answer
+    if mode == "remove":
+        return before & answer
+    return answer
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -316,9 +339,13 @@ class SlicePredictor:
             fill = settle and not current[k].any()  # clicks where the segment is empty add the part it missed
             if rect is None:
                 rect = self.click_box(current[k], on_slice, on_labels) if self.click_trained else self.enlarged_box(current[k])
-            # Clicks with the box of the segment near them correct it; clicks alone beside a segment elsewhere on
-            # the slice (another structure) replace it.
-            correct = settle and rect is not None
+            # Clicks with the box of the segment near them correct it (positive ones only add, negative ones only
+            # remove); clicks alone beside a segment elsewhere on the slice (another structure) replace it.
+            mode = "box"
+            if settle:
+                mode = "fill" if fill else "replace" if rect is None else "correct"
+                if mode == "correct" and self.settings.monotone:
+                    mode = "add" if (on_labels == 1).all() else "remove" if (on_labels == 0).all() else "correct"
             if rect is None and not self.click_trained:
                 raise InputError(
                     f"The clicks on slice {k + 1} fall where the segment is empty; draw a box around the organ there "
@@ -328,7 +355,17 @@ class SlicePredictor:
                 raise InputError(f"The clicks on slice {k + 1} only remove, where the segment is empty; "
                                  "place a positive click on the organ to create it.")
             answer = self.predict_slice(k, rect, on_slice, on_labels, use_memory=use_memory)
+            if settle and rect is not None and self.settings.honour_clicks and not _follows(answer.mask, on_slice, on_labels):
+                # The answer with the segment's box ignores a click: ask with the clicks alone; if that ignores one
+                # too, the clicks change nothing on this slice.
+                alone = self.predict_slice(k, None, on_slice, on_labels, use_memory=use_memory)
+                if not _follows(alone.mask, on_slice, on_labels):
+                    result.prompted.append(k)
+                    result.stops = {"up": "the answer did not follow the clicks", "down": "the answer did not follow the clicks"}
+                    continue
+                answer, mode = alone, "correct" if mode != "replace" else mode
             before = current.copy()
+            answer.mask = _combine(before[k], answer.mask, mode)
             current[k] = answer.mask
             result.prompted.append(k)
             result.drawn[k] = answer.iou
@@ -336,7 +373,7 @@ class SlicePredictor:
                 limits = z_range or (0, self.frame.shape[0] - 1)
                 for direction, name in ((1, "up"), (-1, "down")):
                     result.stops[name] = self._propagate(k, direction, answer, limits, current, before if settle else None, result.drawn,
-                                                         use_memory, "fill" if fill else "correct" if correct else "replace")
+                                                         use_memory, mode)
         result.mask = self.frame.from_frame(current)
         result.timings = {"embed_s": self.embed_seconds - embed_before, "total_s": time.perf_counter() - start}
         result.timings["decode_s"] = result.timings["total_s"] - result.timings["embed_s"]
@@ -370,9 +407,11 @@ class SlicePredictor:
 
         After clicks (``settle_on``: the segment before them), ``mode`` says what they did: ``fill`` added a
         part where the segment was empty, so propagation stops at the first slice that holds the segment;
-        ``correct`` changed the segment near them, so it stops where the redrawn slice would no longer
-        resemble the segment there (Dice under ``keep_dice``: it went astray), keeping that slice;
-        ``replace`` drew the organ away from a segment that is another structure, so it goes on."""
+        ``add`` / ``remove`` (positive / negative clicks near the segment) only add to / remove from each
+        slice, and stop where that changes less than ``settle_change`` of it; ``correct`` (both kinds)
+        stops where the redrawn slice would no longer resemble the segment there (Dice under ``keep_dice``:
+        it went astray); these three keep the segment on the slice where they stop. ``replace`` drew the
+        organ away from a segment that is another structure, so it goes on; so does a box (``box``)."""
         s = self.settings
         pixel_mm2 = self.frame.spacing[0] * self.frame.spacing[1]
         source = answer
@@ -395,15 +434,21 @@ class SlicePredictor:
                 reason = "organ ended (the mask left the previous slice's)"
             else:
                 reason = ""
+            corrective = mode in ("add", "remove", "correct")
             if reason:
-                current[z] = False
+                if not corrective:  # the organ's end: the slice beyond it is cleared (a correction keeps it)
+                    current[z] = False
                 drawn[z] = nxt.iou
                 return reason
-            if mode == "correct" and settle_on is not None and settle_on[z].any() and _dice(nxt.mask, settle_on[z]) < s.keep_dice:
+            before = settle_on[z] if settle_on is not None else None
+            if mode == "correct" and before.any() and _dice(nxt.mask, before) < s.keep_dice:
                 return "the redrawn slice left the previous segment"
+            nxt.mask = _combine(before, nxt.mask, mode)
+            if mode in ("add", "remove") and int((nxt.mask != before).sum()) <= s.settle_change * max(int(before.sum()), 1):
+                return "agrees with the previous segment"
             current[z] = nxt.mask
             drawn[z] = nxt.iou
-            if settle_on is not None and settle_on[z].any() and _dice(nxt.mask, settle_on[z]) >= s.settle_dice:
+            if before is not None and before.any() and _dice(nxt.mask, before) >= s.settle_dice:
                 return "agrees with the previous segment"
             source = nxt
             ious.append(nxt.iou)
