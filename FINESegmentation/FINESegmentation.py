@@ -122,7 +122,7 @@ class FINESegmentationParameterNode:
     model: str = ""
     device: str = "auto"
     quality: Annotated[str, Choice(["full", "fast"])] = "full"
-    bank: Annotated[str, Choice(["accumulate", "stateless"])] = "accumulate"
+    bank: Annotated[str, Choice(["accumulate", "stateless"])] = "stateless"
     tta: bool = False
     refineAll: bool = False
     attentionPoint: vtkMRMLMarkupsFiducialNode
@@ -726,7 +726,7 @@ class FINESegmentationLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ segmentation (delegated to the engine)
 
-    def segment(self, volumeNode, segmentationNode=None, model=None, device="auto", bank="accumulate", fast=False,
+    def segment(self, volumeNode, segmentationNode=None, model=None, device="auto", bank="stateless", fast=False,
                 tta=False, refineAll=False, progress=None, cancel: Optional[threading.Event] = None):
         """Segment a CT volume node; returns the segmentation node (a new one unless ``segmentationNode`` is given).
 
@@ -739,7 +739,7 @@ class FINESegmentationLogic(ScriptedLoadableModuleLogic):
         return self.core.segment(volumeNode, segmentationNode, model=model, device=device, bank=bank, fast=fast,
                                  tta=tta, refine_all=refineAll, progress=progress, cancel=cancel)
 
-    def segmentFiles(self, inputPaths, outputDir, model=None, device="auto", bank="accumulate", fast=False, tta=False,
+    def segmentFiles(self, inputPaths, outputDir, model=None, device="auto", bank="stateless", fast=False, tta=False,
                      refineAll=False, extension=".seg.nrrd", progress=None, cancel: Optional[threading.Event] = None):
         """Segment CT files or DICOM folders into ``outputDir``; one result dict per input (see the engine's docs)."""
         self._requireRequirements()

@@ -24,7 +24,7 @@ def test_labels_of_a_real_ct_have_the_input_geometry(tiny_checkpoint, ct_chest_p
     result = Segmenter(str(tiny_checkpoint), device="cpu", fast=True).segment(ct)
     assert result.labels.shape == ct.shape and result.labels.geometry == ct.geometry, "labels lie on the CT's own grid"
     assert result.labels.array.dtype == np.uint8 and result.labels.array.max() <= 8
-    assert result.report["passes"] == 2 and result.report["bank"] == "accumulate", "accumulate is the default and runs two passes"
+    assert result.report["passes"] == 1 and result.report["bank"] == "stateless", "stateless is the default and runs one pass"
 
 
 def test_oblique_anisotropic_geometry_is_kept_exactly(segmenter):
@@ -153,8 +153,11 @@ def test_largest_component_keeps_one_blob_per_organ():
 
 def test_progress_reports_both_passes(tiny_checkpoint):
     seen = []
-    Segmenter(str(tiny_checkpoint), device="cpu", fast=True).segment(make_ct(), progress=seen.append)
+    Segmenter(str(tiny_checkpoint), device="cpu", bank="accumulate", fast=True).segment(make_ct(), progress=seen.append)
     assert {p.pass_index for p in seen} == {1, 2} and seen[-1].crop == seen[-1].crops, "progress covers pass 1/2 and 2/2 to the last crop"
+    seen = []
+    Segmenter(str(tiny_checkpoint), device="cpu", fast=True).segment(make_ct(), progress=seen.append)
+    assert {(p.pass_index, p.passes) for p in seen} == {(1, 1)} and seen[-1].crop == seen[-1].crops, "stateless: one pass, to the last crop"
 
 
 def test_out_of_gpu_memory_falls_back_step_by_step_and_says_so(tiny_checkpoint, monkeypatch):

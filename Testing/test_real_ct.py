@@ -20,7 +20,7 @@ from FINESegmentationLib.labels import ORGAN_BY_NAME
 
 DATA = Path(__file__).parent / "data" / "ts-example-noncontrast"
 MODEL = "fine-tiny-ct"
-# Dice of fine-tiny-ct on this CT with the default settings (accumulate bank, full overlap), 2-core CPU.
+# Dice of fine-tiny-ct on this CT, accumulate bank, full overlap, 2-core CPU (the default stateless bank is within 0.003).
 MEASURED = {"spleen": 0.801, "right kidney": 0.424, "left kidney": 0.619, "liver": 0.870, "stomach": 0.605, "aorta": 0.104}
 MARGIN = 0.03
 RIGHT = ("liver", "right kidney", "gallbladder")  # on the patient's right (LPS x below the midline)

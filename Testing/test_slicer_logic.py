@@ -222,7 +222,7 @@ def test_progress_reaches_the_caller_on_its_own_thread(logic, chest_node, coarse
         threads.add(threading.get_ident())
         events.append(event)
 
-    logic.segment(chest_node, model=str(coarse_checkpoint), device="cpu", progress=on_progress)
+    logic.segment(chest_node, model=str(coarse_checkpoint), device="cpu", bank="accumulate", progress=on_progress)
     crops = [e for e in events if isinstance(e, Progress)]
     assert threads == {threading.get_ident()}, "callbacks run on the caller's thread, torch on the worker"
     assert {p.pass_index for p in crops} == {1, 2} and crops[-1].crop == crops[-1].crops, "pass i/2 and crop i/N are reported"

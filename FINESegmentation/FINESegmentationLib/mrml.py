@@ -564,7 +564,7 @@ class FINESegmentationLogicCore:
     def volumeFromNode(self, volumeNode) -> Volume:
         return volume_from_node(volumeNode)
 
-    def startSegmentation(self, volume: Volume, *, model: str | None = None, device: str = "auto", bank: str = "accumulate",
+    def startSegmentation(self, volume: Volume, *, model: str | None = None, device: str = "auto", bank: str = "stateless",
                           fast: bool = False, tta: bool = False, refine_all: bool = False,
                           cancel: threading.Event | None = None) -> Job:
         """Queue the network on the worker thread; the job's result is a :class:`SegmentationOutput`.
@@ -582,7 +582,7 @@ class FINESegmentationLogicCore:
         return write_segmentation_node(output, volumeNode, segmentationNode)
 
     def segment(self, volumeNode, segmentationNode=None, *, model: str | None = None, device: str = "auto",
-                bank: str = "accumulate", fast: bool = False, tta: bool = False, refine_all: bool = False,
+                bank: str = "stateless", fast: bool = False, tta: bool = False, refine_all: bool = False,
                 progress: Callable[[Any], None] | None = None, cancel: threading.Event | None = None):
         """Segment a CT volume node; returns the segmentation node (new unless ``segmentationNode`` is given).
 
@@ -600,7 +600,7 @@ class FINESegmentationLogicCore:
     # ---------------------------------------------------------------- files
 
     def segmentFiles(self, inputPaths: Sequence[str | os.PathLike], outputDir: str | os.PathLike, *,
-                     model: str | None = None, device: str = "auto", bank: str = "accumulate", fast: bool = False,
+                     model: str | None = None, device: str = "auto", bank: str = "stateless", fast: bool = False,
                      tta: bool = False, refine_all: bool = False, extension: str = ".seg.nrrd",
                      progress: Callable[[int, int, Any], None] | None = None,
                      cancel: threading.Event | None = None) -> list[dict[str, Any]]:
