@@ -79,6 +79,8 @@ def test_numbers_in_range_are_read(words, attribute, value):
     (["train", "--data", "d", "--out", "o", "--bank-probability", "-0.5"], "give a number from 0 to 1"),
     (["refiner-train", "--data", "d", "--out", "o", "--steps", "-5"], "argument --steps: -5 is out of range"),
     (["refiner-evaluate", "--data", "d", "--clicks", "-2"], "argument --clicks: -2 is out of range"),
+    (["litemedsam-train", "--data", "d", "--out", "o", "--steps", "0"], "argument --steps: 0 is out of range"),
+    (["litemedsam-train", "--data", "d", "--out", "o", "--lr", "-1"], "argument --lr: -1 is out of range; give a number above 0."),
     (["segment", "ct.nii.gz", "--sw-batch-size", "0"], "argument --sw-batch-size: 0 is out of range"),
     (["attention", "ct.nii.gz", "--point", "-100,", "50", "-o", "h.nii.gz"], "'-100, 50' is not a point; give three numbers"),
     (["attention", "ct.nii.gz", "--point", "-1,a,3", "-o", "h.nii.gz"], "'-1,a,3' is not a point"),

@@ -200,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
     md = ["# FINE models on real CT, held-out synthetic anatomy and the old phantoms", "",
           "Models: " + "; ".join(f"{n} = {m['model']} (sha256 {str(m['sha256'])[:12]})" for n, m in models.items()) + ".",
-          "Each runs with the default `fine-seg segment` settings (accumulate bank, overlap 0.5, no TTA, no "
+          "Each runs with the default `fine-seg segment` settings (stateless bank, overlap 0.5, no TTA, no "
           "largest-component filter: what Segment in Slicer runs)"
           + "".join(f"; `{v}` adds {', '.join(f'{k}={o}' for k, o in opts.items())}" for v, opts in args.variant) + ".",
           f"Machine: {machine}.", ""]

@@ -14,6 +14,7 @@ from typing import Callable
 
 from . import __version__
 from .cli_arguments import Number, NumberList, Parser
+from .cli_clicks import add_litemedsam_train
 from .cli_refine import add_refiner_commands
 from .errors import FINEError
 
@@ -468,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     add_refiner_commands(sub)
+    add_litemedsam_train(sub)
 
     p = sub.add_parser("configs", help="list model configs: parameter counts and the paper's eq. 2 attention cost")
     p.add_argument("names", nargs="*", help="configs to show (default: all)")

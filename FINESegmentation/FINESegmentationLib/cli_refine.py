@@ -42,19 +42,26 @@ def _labels_on_ct(args: argparse.Namespace, volume):
 
 
 def _choose_refiner(args: argparse.Namespace) -> str:
-    """``--refiner``, or for ``auto``: the kind of a registered ``--model``, else LiteMedSAM with a box and the
-    click-trained Memorizing-SAM refiner for clicks alone (LiteMedSAM's decoder is not trained on clicks)."""
+    """``--refiner``, or for ``auto``: the kind of a registered ``--model``, else LiteMedSAM (click-tuned weights
+    when registered); without them, clicks alone go to the Memorizing-SAM refiner (the published LiteMedSAM
+    decoder is trained on boxes only)."""
     from .checkpoints import read_registry
     from .errors import InputError
 
     choice = args.refiner
     if choice == "auto":
-        if args.model is not None and args.model in read_registry(kind="refiner-2d"):
+        if args.model is not None and (args.model in read_registry(kind="refiner-2d") or args.model in read_registry(kind="refiner-2d-clicks")):
             choice = "litemedsam"
         elif args.model is not None and args.model in read_registry(kind="refiner"):
             choice = "memorizing-sam"
+        elif args.box:
+            choice = "litemedsam"
+        elif args.model is not None:  # a weights file: LiteMedSAM's click weights, else a Memorizing-SAM refiner
+            from .refiner.litemedsam.click_weights import slice_weights
+
+            choice = "litemedsam" if slice_weights(args.model)[1] else "memorizing-sam"
         else:
-            choice = "litemedsam" if args.box else "memorizing-sam"
+            choice = "litemedsam" if read_registry(kind="refiner-2d-clicks") else "memorizing-sam"
     if choice == "memorizing-sam":
         if args.box:
             raise InputError("The Memorizing-SAM refiner takes clicks only; use --refiner litemedsam for a box.")
@@ -112,10 +119,12 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         return 0
     from .refiner.litemedsam.predictor import SlicePredictor
 
-    if len(points):
-        print("fine-seg: warning: LiteMedSAM's decoder is not trained on clicks yet; on the real CT of README one click after "
-              "a box lowered the kidneys' Dice from 0.91-0.93 to 0.48-0.50, so prefer a box.", file=sys.stderr)
-    predictor = SlicePredictor(model=args.model, memory=None if args.no_memory else args.memory)
+    memory = None if args.no_memory else args.memory
+    # A LiteMedSAM memory holds what the published decoder computed: without --model it goes with those weights.
+    predictor = SlicePredictor(model=args.model or ("litemedsam" if memory else None), memory=memory)
+    if len(points) and not predictor.click_trained:
+        print("fine-seg: warning: these LiteMedSAM weights are trained on boxes only; on the real CT of README one click after "
+              "a box lowered the kidneys' Dice from 0.91-0.93 to 0.48-0.50, so prefer a box or the click-tuned weights.", file=sys.stderr)
     predictor.set_volume(volume)
     result = predictor.predict(box=box, points=points if len(points) else None, labels=positive.astype(int) if len(points) else None,
                                previous_mask=segment)
@@ -124,7 +133,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     clicks = f"{len(points)} click(s) ({counts})"
     prompt = ("a box" + (f" and {clicks}" if len(points) else "")) if box is not None else clicks
     memory = f"; memory {args.memory}" if result.used_memory else ""
-    print(f"Refined '{organ.name}' by LiteMedSAM with {prompt}{memory}: slices {drawn[0] + 1}-{drawn[-1] + 1} redrawn "
+    weights = "click-tuned LiteMedSAM" if predictor.click_trained else "LiteMedSAM"
+    print(f"Refined '{organ.name}' by {weights} with {prompt}{memory}: slices {drawn[0] + 1}-{drawn[-1] + 1} redrawn "
           f"(up: {result.stops.get('up', '-')}; down: {result.stops.get('down', '-')}), {changed} voxel(s) changed, "
           f"{result.timings['total_s']:.1f} s ({result.timings['embed_s']:.1f} s embedding slices) -> {output}")
     return 0
@@ -193,17 +203,20 @@ def add_refiner_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("refine", help="refine or create one segment with a box and clicks (LiteMedSAM) or clicks (Memorizing-SAM)")
     p.add_argument("input", metavar="INPUT", help="the CT the segmentation belongs to")
     p.add_argument("--seg", help="segmentation (.seg.nrrd or label map) holding the segment; the segment may be empty or absent "
-                   "(LiteMedSAM creates it from a box); without --seg the output holds the new segment only")
+                   "(LiteMedSAM creates it from a box, or from a positive click with its click-tuned weights); without --seg the output holds the new segment only")
     p.add_argument("--segment", required=True, help="name of the segment to refine, e.g. liver or 'left kidney'")
     p.add_argument("--box", metavar="BOX.mrk.json", help="Slicer markups file with a box around the organ: an ROI (on one slice, "
                    "or spanning the slices to segment) or a line across the organ on one slice (LiteMedSAM)")
     p.add_argument("--points", metavar="POINTS.mrk.json", help="Slicer markups file with the clicks: a point is "
                    "negative (remove) when its label starts with '-' or its description is 'negative', else positive (add). "
-                   "LiteMedSAM is not trained on clicks: on a slice without a box or a segment they give nothing")
+                   "With LiteMedSAM's click-tuned weights (the default) a positive click alone segments its slice and propagates; "
+                   "the published weights are trained on boxes only")
     p.add_argument("-o", "--output", required=True, help="refined segmentation (.seg.nrrd, or a label map); other segments are kept")
-    p.add_argument("--refiner", choices=REFINERS, default="auto", help="litemedsam (2-D, slice by slice, boxes), memorizing-sam "
-                   "(3-D, clicks on an existing segment) or auto (default): litemedsam with a box, else memorizing-sam")
-    p.add_argument("--model", default=None, help="registered refiner name or weights file of the chosen refiner (default: the bundled one)")
+    p.add_argument("--refiner", choices=REFINERS, default="auto", help="litemedsam (2-D, slice by slice: boxes and clicks), "
+                   "memorizing-sam (3-D, clicks on an existing segment) or auto (default): litemedsam, or memorizing-sam for clicks alone "
+                   "when no click-tuned LiteMedSAM weights are registered")
+    p.add_argument("--model", default=None, help="registered refiner name or weights file of the chosen refiner (default: the bundled one; "
+                   "LiteMedSAM: litemedsam-clicks, or litemedsam for the published box-only weights)")
     p.add_argument("--memory", default=None, help="registered memory name or memory file (Memorizing-SAM default: the refiner's "
                    "registered memory; LiteMedSAM default: none, see README for why)")
     p.add_argument("--no-memory", action="store_true", help="refine without a memory")

@@ -302,7 +302,8 @@ class Segmenter:
 
             t0 = time.perf_counter()
             if self._slice_predictor is None:
-                self._slice_predictor = SlicePredictor(device=self.device)
+                # Boxes only: the published weights (their box-only Dice on the real CT is the higher one, README).
+                self._slice_predictor = SlicePredictor("litemedsam", device=self.device)
             refined = refine_all(self._slice_predictor, volume, result_labels, progress=refine_progress, cancel=cancel)
             result_labels = refined.labels
             times["refine_all"] = time.perf_counter() - t0

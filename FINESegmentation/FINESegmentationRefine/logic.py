@@ -55,8 +55,6 @@ REFINERS = (LITEMEDSAM, MEMORIZING_SAM)
 # What the Refine section refines: the segment chosen in its selector, or an organ (created if absent).
 SELECTED_SEGMENT = "selected segment"
 REFINE_TARGETS = (SELECTED_SEGMENT,) + tuple(o.name for o in ORGANS)
-# LiteMedSAM's click-tuned prompt encoder and mask decoder, a small file loaded over the published weights.
-CLICK_WEIGHTS_KIND = "refiner-2d-clicks"
 
 
 # --------------------------------------------------------------------------- segments and prompts from the scene
@@ -147,17 +145,6 @@ def _same_volume(a: Volume | None, b: Volume) -> bool:
 def accepts_memory(predictor) -> bool:
     """Whether a predictor's ``predict`` takes ``use_memory`` (the Memorizing-SAM plug-in's switch)."""
     return "use_memory" in inspect.signature(predictor.predict).parameters
-
-
-def litemedsam_weights(model: str | None = None, registry=None) -> tuple[str | None, bool]:
-    """(LiteMedSAM weights to load, whether they are click-tuned weights) for ``model``: None means the first
-    registered click-tuned weights (kind ``refiner-2d-clicks``) when there are any, else the published weights (None)."""
-    from FINESegmentationLib.checkpoints import read_registry
-
-    clicks = list(read_registry(registry, kind=CLICK_WEIGHTS_KIND))
-    if model is None:
-        return (clicks[0], True) if clicks else (None, False)
-    return model, model in clicks
 
 
 # --------------------------------------------------------------------------- sessions
@@ -293,13 +280,13 @@ class RefineLogic:
             return RefinerPredictor(model, device=torch_device), f"Memorizing-SAM refiner '{model or 'bundled'}'", True
         from FINESegmentationLib.refiner.litemedsam.predictor import SlicePredictor
 
-        weights, tuned = litemedsam_weights(model)
-        if tuned:
-            # Weights of this kind are registered only together with the click fine-tuning, which brings this loader.
-            from FINESegmentationLib.refiner.litemedsam.click_weights import load_litemedsam_clicks
+        from FINESegmentationLib.refiner.litemedsam.click_weights import slice_weights
 
-            return SlicePredictor(load_litemedsam_clicks(weights)[0], device=torch_device), f"LiteMedSAM, click-tuned weights '{weights}'", True
-        return SlicePredictor(weights, device=torch_device), f"LiteMedSAM, weights '{weights or 'litemedsam'}' (trained on boxes only)", False
+        weights, tuned = slice_weights(model)
+        predictor = SlicePredictor(weights, device=torch_device)
+        if tuned:
+            return predictor, f"LiteMedSAM, click-tuned weights '{weights}'", True
+        return predictor, f"LiteMedSAM, weights '{weights or 'litemedsam'}' (trained on boxes only)", False
 
     def _ready(self, session: RefineSession, progress: Callable[[Any], None]):
         """The loaded predictor for this session, holding its CT (and, for Memorizing-SAM, its crop)."""

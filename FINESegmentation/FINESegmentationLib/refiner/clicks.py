@@ -3,7 +3,7 @@
 The protocol of Memorizing SAM / SAM-Med3D: a click goes to the deepest point (largest
 distance to the error's border, by Euclidean distance transform in mm) of the largest
 error region; it is positive in a false negative (the segment misses it) and negative
-in a false positive. After ``deepest`` such clicks, further clicks fall uniformly at
+in a false positive. :func:`deepest_click` works on a volume [z, y, x] or a slice [y, x]. After ``deepest`` such clicks, further clicks fall uniformly at
 random in the errors, with the same sign rule.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from scipy import ndimage
 
 @dataclass(frozen=True)
 class Click:
-    """A voxel index ``[z, y, x]`` of the grid it was made on, and whether it adds to the segment."""
+    """An index ``[z, y, x]`` (or ``[y, x]`` on a slice) of the grid it was made on, and whether it adds to the segment."""
 
-    position: tuple[int, int, int]
+    position: tuple[int, ...]
     positive: bool
 
     @property
@@ -29,8 +29,8 @@ class Click:
 
 
 def _largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """(component mask, voxel count) of the largest 26-connected component of ``mask`` ((empty, 0) if none)."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    """(component mask, voxel count) of the largest fully connected (26 in 3-D, 8 in 2-D) component of ``mask`` ((empty, 0) if none)."""
+    labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
     if count == 0:
         return np.zeros_like(mask), 0
     sizes = np.bincount(labels.ravel())[1:]
@@ -41,7 +41,7 @@ def _largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
 def deepest_click(prediction: np.ndarray, target: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> Click | None:
     """The click at the deepest point of the largest error region, or None when there is no error.
 
-    prediction, target: bool [z, y, x] on one grid; spacing: (x, y, z) mm of that grid.
+    prediction, target: bool [z, y, x] (or [y, x]) on one grid; spacing: (x, y, z) (or (x, y)) mm of that grid.
     """
     false_negative, fn_size = _largest_component(target & ~prediction)
     false_positive, fp_size = _largest_component(prediction & ~target)
@@ -51,9 +51,10 @@ def deepest_click(prediction: np.ndarray, target: np.ndarray, spacing: Sequence[
     region = false_negative if positive else false_positive
     box = ndimage.find_objects(region.astype(np.uint8))[0]
     # Pad so that the crop's own border counts as the region's border: the click stays inside.
-    distance = ndimage.distance_transform_edt(np.pad(region[box], 1), sampling=tuple(spacing)[::-1])[1:-1, 1:-1, 1:-1]
-    z, y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return Click((int(z + box[0].start), int(y + box[1].start), int(x + box[2].start)), positive)
+    inner = (slice(1, -1),) * region.ndim
+    distance = ndimage.distance_transform_edt(np.pad(region[box], 1), sampling=tuple(spacing)[: region.ndim][::-1])[inner]
+    index = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return Click(tuple(int(i + b.start) for i, b in zip(index, box)), positive)
 
 
 def random_click(prediction: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> Click | None:

@@ -21,12 +21,19 @@ How a prompt becomes a 3-D segment (``propagate=True``):
   slice and propagation stays inside its slices.
 * Clicks on a slice re-prompt that slice (with the box of the segment there, or the drawn box) and
   re-propagate from it, stopping also where the new slice agrees with the previous mask (Dice at
-  least ``settle_dice``): a local correction stays local.
-* Slices that propagation does not reach keep ``previous_mask``; an empty or missing segment is
-  created by a box.
+  least ``settle_dice``): a local correction stays local. Positive clicks near the segment only add to
+  it and negative ones only remove (slice by slice, until that changes little); clicks on a slice where
+  the segment is empty add the part it missed, and their propagation stops at the first slice that holds
+  the segment. A correction keeps the segment on the slice where its propagation stops.
+* Slices that propagation does not reach keep ``previous_mask``.
 
-LiteMedSAM was trained with boxes only: clicks on a slice with no box and no segment give nothing,
-so such a request is refused with a sentence saying to draw a box.
+The published weights were trained with boxes only: with them, clicks on a slice where the segment is
+empty give nothing, so such a request is refused with a sentence saying to draw a box. The click-tuned
+weights (``litemedsam-clicks``, :mod:`.click_weights`; the default when registered) answer clicks alone:
+a positive click where the segment is empty creates the organ on its slice, which then propagates; on a
+slice that holds the segment, the clicks come with the box around the parts of the segment near a
+positive click (``click_reach_mm``), widened to take them in, and alone when no part is that near (the
+segment there is another structure).
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ...errors import InputError
 from ...volume import Volume
@@ -56,6 +64,11 @@ class PropagationSettings:
     relative_iou: float = 0.8
     min_overlap: float = 0.3
     settle_dice: float = 0.95
+    click_reach_mm: float = 10.0
+    keep_dice: float = 0.5
+    settle_change: float = 0.05
+    monotone: bool = True
+    honour_clicks: bool = False
 
 
 @dataclass
@@ -85,6 +98,24 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _follows(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether a slice mask holds every positive click (x, y) and none of the negative ones."""
+    h, w = mask.shape
+    for (x, y), label in zip(np.asarray(points).reshape(-1, 2), np.asarray(labels).reshape(-1)):
+        if bool(mask[int(np.clip(round(y), 0, h - 1)), int(np.clip(round(x), 0, w - 1))]) != bool(label == 1):
+            return False
+    return True
+
+
+def _combine(before: np.ndarray | None, answer: np.ndarray, mode: str) -> np.ndarray:
+    """A slice's new mask: positive clicks only add to the segment there, negative ones only remove from it."""
+    if mode == "add":
+        return before | answer
+    if mode == "remove":
+        return before & answer
+    return answer
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
@@ -93,8 +124,9 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 class SlicePredictor:
     """LiteMedSAM loaded once; one volume at a time, its slice embeddings cached.
 
-    model: a registered weights name, a weights file, None (the bundled ``litemedsam``) or a
-    :class:`~.build.LiteMedSAM`. window: the CT window in HU. memory: None, a registered memory name, a
+    model: a registered weights name (published ``litemedsam`` or click-tuned ``litemedsam-clicks``), a
+    weights file, None (the click-tuned weights when registered, else the published ones) or a
+    :class:`~.build.LiteMedSAM`; ``click_trained`` says whether its decoder answers clicks alone. window: the CT window in HU. memory: None, a registered memory name, a
     memory file or a :class:`~.memory.SliceMemory` built with these weights; ``use_memory`` (on when a
     memory is given) or ``predict(use_memory=...)`` switches it.
     """
@@ -102,8 +134,12 @@ class SlicePredictor:
     def __init__(self, model: Any = None, device: str | torch.device = "cpu", settings: PropagationSettings | None = None,
                  cache_slices: int = 128, window: tuple[float, float] = CT_WINDOW, memory: Any = None) -> None:
         self.device = torch.device(device)
-        self.model: LiteMedSAM = model if isinstance(model, LiteMedSAM) else load_litemedsam(model)[0]
-        self.model = self.model.to(self.device).eval()
+        if not isinstance(model, LiteMedSAM):
+            from .click_weights import load_slice_model
+
+            model = load_slice_model(model)
+        self.model: LiteMedSAM = model.to(self.device).eval()
+        self.click_trained = bool(getattr(model, "click_trained", False))
         self.memory: SliceMemory | None = memory if memory is None or isinstance(memory, SliceMemory) else load_slice_memory(memory)
         if self.memory is not None:
             self.memory.check_compatible(self.model)
@@ -201,6 +237,38 @@ class SlicePredictor:
         slice_logits, logits, iou = self.slice_logits(k, box, points, labels, mask_logits, use_memory)
         return SliceAnswer(slice_logits.numpy() > 0, logits, iou)
 
+    def click_box(self, mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        """The box that comes with clicks on a frame slice (click-tuned weights), or None for clicks alone.
+
+        With positive clicks: around the parts of the segment there that hold a positive click or lie within
+        ``click_reach_mm`` of one, widened to take in the positive clicks (plus ``box_margin_mm``); None when
+        no part is that near (the clicks mark an organ the segment missed there: the box of another structure
+        would mislead the decoder). With negative clicks only: the box around the whole segment there."""
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        positive = points[np.asarray(labels).reshape(-1) == 1]
+        if not len(positive):
+            return self.enlarged_box(mask)
+        spacing = np.asarray(self.frame.spacing[:2], dtype=np.float64)
+        parts, count = ndimage.label(mask)
+        keep = np.zeros(mask.shape, bool)
+        if count:
+            h, w = mask.shape
+            for x, y in positive:
+                near = np.zeros(mask.shape, bool)
+                xi, yi = int(np.clip(round(x), 0, w - 1)), int(np.clip(round(y), 0, h - 1))
+                near[yi, xi] = True
+                reach = ndimage.distance_transform_edt(~near, sampling=(spacing[1], spacing[0])) <= self.settings.click_reach_mm
+                for part in np.unique(parts[reach & mask]):
+                    keep |= parts == part
+        box = self.enlarged_box(keep)
+        if box is None:
+            return None
+        margin = self.settings.box_margin_mm / spacing
+        h, w = mask.shape
+        lo = np.minimum(box[:2], positive.min(0) - margin)
+        hi = np.maximum(box[2:], positive.max(0) + margin)
+        return np.clip(np.concatenate([lo, hi]), 0, [w - 1, h - 1, w - 1, h - 1])
+
     def enlarged_box(self, mask: np.ndarray, margin_mm: float | None = None) -> np.ndarray | None:
         """The box around a frame-slice mask, enlarged by ``margin_mm`` (default ``box_margin_mm``) and kept inside the slice."""
         return enlarged_box(mask, self.frame.spacing[:2], self.settings.box_margin_mm if margin_mm is None else margin_mm)
@@ -259,20 +327,45 @@ class SlicePredictor:
             raise InputError("Click labels must be 1 (add to the segment) or 0 (remove from it).")
         if box is None and not len(clicks):
             raise InputError("Give a box or at least one click to refine the segment with.")
+        if len(clicks):  # the same click twice tells the decoder nothing more (and repeated tokens unsettle it)
+            _, first = np.unique(np.column_stack([np.round(clicks, 3), click_labels]), axis=0, return_index=True)
+            keep = np.sort(first)
+            clicks, click_labels = clicks[keep], click_labels[keep]
         anchors = self._anchors(box, point_space, clicks, click_labels)
         current = self.frame.to_frame(previous).copy()
         result = Prediction(mask=previous, used_memory=use_memory)
         for k, rect, z_range, on_slice, on_labels in anchors:
             settle = rect is None  # clicks correct the segment locally; a box redraws the organ
+            fill = settle and not current[k].any()  # clicks where the segment is empty add the part it missed
             if rect is None:
-                rect = self.enlarged_box(current[k])
-            if rect is None:
+                rect = self.click_box(current[k], on_slice, on_labels) if self.click_trained else self.enlarged_box(current[k])
+            # Clicks with the box of the segment near them correct it (positive ones only add, negative ones only
+            # remove); clicks alone beside a segment elsewhere on the slice (another structure) replace it.
+            mode = "box"
+            if settle:
+                mode = "fill" if fill else "replace" if rect is None else "correct"
+                if mode == "correct" and self.settings.monotone:
+                    mode = "add" if (on_labels == 1).all() else "remove" if (on_labels == 0).all() else "correct"
+            if rect is None and not self.click_trained:
                 raise InputError(
                     f"The clicks on slice {k + 1} fall where the segment is empty; draw a box around the organ there "
-                    "(LiteMedSAM answers boxes; clicks alone give nothing until its click-trained decoder exists)."
+                    "(these LiteMedSAM weights were trained on boxes only: clicks alone give nothing)."
                 )
+            if rect is None and not (on_labels == 1).any():
+                raise InputError(f"The clicks on slice {k + 1} only remove, where the segment is empty; "
+                                 "place a positive click on the organ to create it.")
             answer = self.predict_slice(k, rect, on_slice, on_labels, use_memory=use_memory)
+            if settle and rect is not None and self.settings.honour_clicks and not _follows(answer.mask, on_slice, on_labels):
+                # The answer with the segment's box ignores a click: ask with the clicks alone; if that ignores one
+                # too, the clicks change nothing on this slice.
+                alone = self.predict_slice(k, None, on_slice, on_labels, use_memory=use_memory)
+                if not _follows(alone.mask, on_slice, on_labels):
+                    result.prompted.append(k)
+                    result.stops = {"up": "the answer did not follow the clicks", "down": "the answer did not follow the clicks"}
+                    continue
+                answer, mode = alone, "correct" if mode != "replace" else mode
             before = current.copy()
+            answer.mask = _combine(before[k], answer.mask, mode)
             current[k] = answer.mask
             result.prompted.append(k)
             result.drawn[k] = answer.iou
@@ -280,7 +373,7 @@ class SlicePredictor:
                 limits = z_range or (0, self.frame.shape[0] - 1)
                 for direction, name in ((1, "up"), (-1, "down")):
                     result.stops[name] = self._propagate(k, direction, answer, limits, current, before if settle else None, result.drawn,
-                                                         use_memory)
+                                                         use_memory, mode)
         result.mask = self.frame.from_frame(current)
         result.timings = {"embed_s": self.embed_seconds - embed_before, "total_s": time.perf_counter() - start}
         result.timings["decode_s"] = result.timings["total_s"] - result.timings["embed_s"]
@@ -309,14 +402,24 @@ class SlicePredictor:
         return anchors
 
     def _propagate(self, k: int, direction: int, answer: SliceAnswer, limits: tuple[int, int], current: np.ndarray,
-                   settle_on: np.ndarray | None, drawn: dict[int, float], use_memory: bool = False) -> str:
-        """Redraw slices k + direction, k + 2 direction, ... from their neighbour's mask; returns why it stopped."""
+                   settle_on: np.ndarray | None, drawn: dict[int, float], use_memory: bool = False, mode: str = "replace") -> str:
+        """Redraw slices k + direction, k + 2 direction, ... from their neighbour's mask; returns why it stopped.
+
+        After clicks (``settle_on``: the segment before them), ``mode`` says what they did: ``fill`` added a
+        part where the segment was empty, so propagation stops at the first slice that holds the segment;
+        ``add`` / ``remove`` (positive / negative clicks near the segment) only add to / remove from each
+        slice, and stop where that changes less than ``settle_change`` of it; ``correct`` (both kinds)
+        stops where the redrawn slice would no longer resemble the segment there (Dice under ``keep_dice``:
+        it went astray); these three keep the segment on the slice where they stop. ``replace`` drew the
+        organ away from a segment that is another structure, so it goes on; so does a box (``box``)."""
         s = self.settings
         pixel_mm2 = self.frame.spacing[0] * self.frame.spacing[1]
         source = answer
         ious = [answer.iou]
         z = k + direction
         while limits[0] <= z <= limits[1]:
+            if mode == "fill" and settle_on is not None and settle_on[z].sum() * pixel_mm2 >= s.min_area_mm2:
+                return "reached the segment"
             rect = self.enlarged_box(source.mask)
             if rect is None:
                 return "empty"
@@ -331,13 +434,21 @@ class SlicePredictor:
                 reason = "organ ended (the mask left the previous slice's)"
             else:
                 reason = ""
+            corrective = mode in ("add", "remove", "correct")
             if reason:
-                current[z] = False
+                if not corrective:  # the organ's end: the slice beyond it is cleared (a correction keeps it)
+                    current[z] = False
                 drawn[z] = nxt.iou
                 return reason
+            before = settle_on[z] if settle_on is not None else None
+            if mode == "correct" and before.any() and _dice(nxt.mask, before) < s.keep_dice:
+                return "the redrawn slice left the previous segment"
+            nxt.mask = _combine(before, nxt.mask, mode)
+            if mode in ("add", "remove") and int((nxt.mask != before).sum()) <= s.settle_change * max(int(before.sum()), 1):
+                return "agrees with the previous segment"
             current[z] = nxt.mask
             drawn[z] = nxt.iou
-            if settle_on is not None and settle_on[z].any() and _dice(nxt.mask, settle_on[z]) >= s.settle_dice:
+            if before is not None and before.any() and _dice(nxt.mask, before) >= s.settle_dice:
                 return "agrees with the previous segment"
             source = nxt
             ious.append(nxt.iou)

@@ -1,0 +1,241 @@
+"""Click curves in 3-D: Dice after 0-10 clicks from FINE's own segments, for each refiner, as `fine-seg refine` runs.
+
+Each case is segmented by a FINE model (the default one unless ``--fine``) with the default settings of
+``fine-seg segment``; each organ then starts from FINE's segment (empty where FINE missed it) and gets up
+to ``--clicks`` clicks, click n at the deepest point of the largest 3-D error of the segment after click
+n-1 (positive in a false negative, negative in a false positive; :func:`deepest_click`, in millimetres),
+the way the issue's user study placed them. Refiners:
+
+* ``litemedsam-clicks`` / ``litemedsam``: :class:`SlicePredictor` with the click-tuned or the published
+  weights. Each click re-prompts its slice together with the earlier clicks on that slice and
+  re-propagates from there (what a Slicer session and ``fine-seg refine --points`` do); with the published
+  weights a click where the slice is empty is refused, and the segment stays as it was (counted so).
+* ``litemedsam-clicks+memory``: the click-tuned weights reading a memory built over them (``--clicks-memory``:
+  ``fine-seg refiner-memory --refiner litemedsam --model`` with those weights; the bundled memory belongs to
+  the published weights), on every slice drawn.
+* ``memorizing-sam`` (``+memory``): the phantom-trained 3-D refiner, every click so far on FINE's segment
+  (its crop around the segment), with and without its memory.
+
+Data: the real CT in ``../shared/data/real-ct/`` (``--real-ct``) and ``--synth-cases`` held-out synthetic
+volumes of ``--synth`` (evenly spread). Writes ``click_curves.json`` and ``click_curves.md`` into ``--out``.
+Slice embeddings are shared by the two LiteMedSAM variants (same frozen image encoder).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "FINESegmentation"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+REAL_CT = ROOT.parent / "shared" / "data" / "real-ct" / "ts-example-noncontrast"
+REFINERS = ("litemedsam-clicks", "litemedsam-clicks+memory", "litemedsam", "memorizing-sam", "memorizing-sam+memory")
+TARGET_ORGANS = ("spleen", "right kidney", "left kidney", "liver")  # the organs of the issue's target
+
+
+def dice(a, b) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def cases(args):
+    from FINESegmentationLib.io import read_volume
+
+    out = []
+    if args.real_ct:
+        real = Path(args.real_ct)
+        out.append(("real CT", real.name, lambda r=real: (read_volume(r / "ct.nii.gz"), read_volume(r / "labels.nii.gz", kind="label"))))
+    if args.synth and args.synth_cases:
+        import numpy as np
+
+        from FINESegmentationLib.data.datasets import find_cases as find
+
+        found = find(args.synth)
+        picks = np.unique(np.round(np.linspace(0, len(found) - 1, args.synth_cases)).astype(int))
+        for i in picks:
+            case = found[i]
+            out.append(("synthetic held-out", case.case_id,
+                        lambda c=case: (read_volume(c.image), read_volume(c.label, kind="label"))))
+    return out
+
+
+def curve_litemedsam(predictor, volume, initial, target, n_clicks):
+    import numpy as np
+
+    from FINESegmentationLib.errors import InputError
+    from FINESegmentationLib.refiner.clicks import deepest_click
+
+    spacing = volume.geometry.spacing
+    current = initial.copy()
+    clicks: list[tuple[int, int, int]] = []
+    labels: list[int] = []
+    curve, seconds, refused = [dice(current, target)], [], 0
+    for _ in range(n_clicks):
+        click = deepest_click(current, target, spacing)
+        if click is None:
+            curve.append(curve[-1])
+            continue
+        z, y, x = click.position
+        clicks.append((x, y, z))
+        labels.append(int(click.positive))
+        same = [n for n, c in enumerate(clicks) if c[2] == z]
+        start = time.perf_counter()
+        try:
+            result = predictor.predict(points=np.array([clicks[n] for n in same], float), labels=np.array([labels[n] for n in same]),
+                                       previous_mask=current, point_space="ijk")
+            current = result.mask
+        except InputError:
+            refused += 1
+        seconds.append(time.perf_counter() - start)
+        curve.append(dice(current, target))
+    return curve, seconds, refused
+
+
+def curve_memorizing(predictor, volume, initial, target, n_clicks, use_memory):
+    import numpy as np
+
+    from FINESegmentationLib.refiner.clicks import deepest_click
+
+    spacing = volume.geometry.spacing
+    current = initial.copy()
+    curve, seconds, refused = [dice(current, target)], [], 0
+    if not initial.any():
+        return curve + [curve[0]] * n_clicks, seconds, n_clicks  # it refines existing segments only
+    predictor.set_volume(volume, initial)
+    clicks, labels = [], []
+    for _ in range(n_clicks):
+        click = deepest_click(current, target, spacing)
+        if click is None:
+            curve.append(curve[-1])
+            continue
+        z, y, x = click.position
+        clicks.append((x, y, z))
+        labels.append(int(click.positive))
+        start = time.perf_counter()
+        result = predictor.predict(np.array(clicks, float), np.array(labels), use_memory=use_memory, point_space="ijk")
+        current = result.paste(initial)
+        seconds.append(time.perf_counter() - start)
+        curve.append(dice(current, target))
+    return curve, seconds, refused
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--real-ct", default=str(REAL_CT), help="folder with ct.nii.gz and labels.nii.gz ('' to skip)")
+    parser.add_argument("--synth", default="/work/data/synth-val", help="held-out synthetic dataset (nnU-Net layout)")
+    parser.add_argument("--synth-cases", type=int, default=0, help="synthetic cases used, evenly spread (0: none)")
+    parser.add_argument("--fine", default=None, help="FINE model for the starting segments (default: the registry's default)")
+    parser.add_argument("--refiners", nargs="+", default=[r for r in REFINERS if r != "litemedsam-clicks+memory"], choices=REFINERS)
+    parser.add_argument("--clicks-memory", default=None, help="memory file built over the click-tuned weights (litemedsam-clicks+memory)")
+    parser.add_argument("--organs", nargs="+", default=None, help="organ names (default: all eight)")
+    parser.add_argument("--clicks", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks"))
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    from bench_inference import machine
+    from FINESegmentationLib.inference import Segmenter
+    from FINESegmentationLib.io import write_text_atomically
+    from FINESegmentationLib.labels import ORGANS
+    from FINESegmentationLib.refiner.litemedsam.predictor import SlicePredictor
+
+    torch.set_num_threads(args.threads)
+    organs = [o for o in ORGANS if args.organs is None or o.name in args.organs]
+    segmenter = Segmenter(args.fine)
+    slice_predictors = {}
+    if "litemedsam-clicks" in args.refiners:
+        slice_predictors["litemedsam-clicks"] = SlicePredictor("litemedsam-clicks")
+    if "litemedsam-clicks+memory" in args.refiners:
+        slice_predictors["litemedsam-clicks+memory"] = SlicePredictor("litemedsam-clicks", memory=args.clicks_memory)
+    if "litemedsam" in args.refiners:
+        slice_predictors["litemedsam"] = SlicePredictor("litemedsam")
+    memorizing = None
+    if any(r.startswith("memorizing-sam") for r in args.refiners):
+        from FINESegmentationLib.refiner.predictor import RefinerPredictor
+
+        memorizing = RefinerPredictor(None)
+    results = {"machine": machine(), "date": datetime.date.today().isoformat(), "fine": segmenter.model_name,
+               "clicks": args.clicks, "cases": []}
+    for group, case_id, load in cases(args):
+        volume, reference = load()
+        start = time.perf_counter()
+        initial = segmenter.segment(volume).labels.array
+        entry = {"group": group, "case": case_id, "fine_seconds": time.perf_counter() - start, "organs": {}}
+        shared = None
+        for name, predictor in slice_predictors.items():
+            predictor.set_volume(volume)
+            if shared is None:
+                shared = predictor._embeddings
+            else:
+                predictor._embeddings = shared  # the same frozen image encoder: embed each slice once
+        for organ in organs:
+            target = reference.array == organ.label
+            if not target.any():
+                continue
+            start_mask = initial == organ.label
+            per = {}
+            for refiner in args.refiners:
+                if refiner in slice_predictors:
+                    curve, seconds, refused = curve_litemedsam(slice_predictors[refiner], volume, start_mask, target, args.clicks)
+                else:
+                    curve, seconds, refused = curve_memorizing(memorizing, volume, start_mask, target, args.clicks,
+                                                               refiner.endswith("+memory"))
+                per[refiner] = {"dice": curve, "median_click_s": float(np.median(seconds)) if seconds else None, "refused": refused}
+                print(f"{group} {case_id} {organ.name:13s} {refiner:22s} " + " ".join(f"{d:.2f}" for d in curve), flush=True)
+            entry["organs"][organ.name] = per
+        results["cases"].append(entry)
+    markdown = render(results, args.refiners)
+    out = Path(args.out)
+    write_text_atomically(out / "click_curves.json", json.dumps(results, indent=1) + "\n")
+    write_text_atomically(out / "click_curves.md", markdown)
+    print(markdown)
+    return 0
+
+
+def render(results: dict, refiners: list[str]) -> str:
+    import numpy as np
+
+    lines = [f"Dice (%) after 0-{results['clicks']} clicks from FINE's segments ({results['fine']}, default settings), click n at "
+             f"the deepest point of the largest 3-D error; {results['machine']['cpu']}, {results['date']}.", ""]
+    steps = [0, 1, 2, 3, 5, 10]
+    steps = [s for s in steps if s <= results["clicks"]]
+    for group in dict.fromkeys(c["group"] for c in results["cases"]):
+        cases = [c for c in results["cases"] if c["group"] == group]
+        lines += [f"**{group}** ({len(cases)} case{'s' if len(cases) > 1 else ''})", "",
+                  "| refiner | organs | " + " | ".join(f"{s} clicks" for s in steps) + " | median s per click |",
+                  "|---|---|" + "---|" * (len(steps) + 1)]
+        for refiner in refiners:
+            for label, names in (("spleen, kidneys, liver", TARGET_ORGANS), ("all organs", None)):
+                curves = [o[refiner]["dice"] for c in cases for name, o in c["organs"].items()
+                          if refiner in o and (names is None or name in names)]
+                times = [o[refiner]["median_click_s"] for c in cases for o in c["organs"].values()
+                         if refiner in o and o[refiner]["median_click_s"] is not None]
+                if not curves:
+                    continue
+                mean = np.mean(np.array(curves), axis=0)
+                timing = f" | {np.median(times):.2f} |" if times else " | - |"
+                lines.append(f"| {refiner} | {label} | " + " | ".join(f"{100 * mean[s]:.1f}" for s in steps) + timing)
+        lines += ["", "Per organ (Dice % at 0 / 1 / 3 / 5 / 10 clicks):", "",
+                  "| organ | " + " | ".join(refiners) + " |", "|---|" + "---|" * len(refiners)]
+        organ_names = list(dict.fromkeys(n for c in cases for n in c["organs"]))
+        for name in organ_names:
+            cells = []
+            for refiner in refiners:
+                curves = [c["organs"][name][refiner]["dice"] for c in cases if name in c["organs"] and refiner in c["organs"][name]]
+                mean = np.mean(np.array(curves), axis=0)
+                cells.append(" / ".join(f"{100 * mean[s]:.0f}" for s in (0, 1, 3, 5, 10) if s < len(mean)))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
