@@ -365,8 +365,7 @@ class SlicePredictor:
                     continue
                 answer, mode = alone, "correct" if mode != "replace" else mode
             before = current.copy()
-            answer.mask = _combine(before[k], answer.mask, mode)
-            current[k] = answer.mask
+            current[k] = _combine(before[k], answer.mask, mode)  # propagation goes on from the decoder's own answer
             result.prompted.append(k)
             result.drawn[k] = answer.iou
             if propagate:
@@ -443,12 +442,12 @@ class SlicePredictor:
             before = settle_on[z] if settle_on is not None else None
             if mode == "correct" and before.any() and _dice(nxt.mask, before) < s.keep_dice:
                 return "the redrawn slice left the previous segment"
-            nxt.mask = _combine(before, nxt.mask, mode)
-            if mode in ("add", "remove") and int((nxt.mask != before).sum()) <= s.settle_change * max(int(before.sum()), 1):
+            combined = _combine(before, nxt.mask, mode)
+            if mode in ("add", "remove") and int((combined != before).sum()) <= s.settle_change * max(int(before.sum()), 1):
                 return "agrees with the previous segment"
-            current[z] = nxt.mask
+            current[z] = combined
             drawn[z] = nxt.iou
-            if before is not None and before.any() and _dice(nxt.mask, before) >= s.settle_dice:
+            if before is not None and before.any() and _dice(combined, before) >= s.settle_dice:
                 return "agrees with the previous segment"
             source = nxt
             ious.append(nxt.iou)
