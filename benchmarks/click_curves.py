@@ -64,64 +64,63 @@ def cases(args):
     return out
 
 
-def curve_litemedsam(predictor, volume, initial, target, n_clicks):
-    import numpy as np
-
-    from FINESegmentationLib.errors import InputError
+def click_curve(volume, initial, target, n_clicks, apply):
+    """Dice after 0..n_clicks simulated clicks; ``apply(clicks, labels, z, current)`` returns the new mask, or
+    None for a refused click. Returns (curve, seconds per click, refused clicks)."""
     from FINESegmentationLib.refiner.clicks import deepest_click
 
-    spacing = volume.geometry.spacing
     current = initial.copy()
     clicks: list[tuple[int, int, int]] = []
     labels: list[int] = []
     curve, seconds, refused = [dice(current, target)], [], 0
     for _ in range(n_clicks):
-        click = deepest_click(current, target, spacing)
+        click = deepest_click(current, target, volume.geometry.spacing)
         if click is None:
             curve.append(curve[-1])
             continue
         z, y, x = click.position
         clicks.append((x, y, z))
         labels.append(int(click.positive))
-        same = [n for n, c in enumerate(clicks) if c[2] == z]
         start = time.perf_counter()
-        try:
-            result = predictor.predict(points=np.array([clicks[n] for n in same], float), labels=np.array([labels[n] for n in same]),
-                                       previous_mask=current, point_space="ijk")
-            current = result.mask
-        except InputError:
-            refused += 1
+        mask = apply(clicks, labels, z, current)
         seconds.append(time.perf_counter() - start)
+        if mask is None:
+            refused += 1
+        else:
+            current = mask
         curve.append(dice(current, target))
     return curve, seconds, refused
+
+
+def curve_litemedsam(predictor, volume, initial, target, n_clicks):
+    """The click's slice with the earlier clicks on it, applied to the segment so far."""
+    import numpy as np
+
+    from FINESegmentationLib.errors import InputError
+
+    def apply(clicks, labels, z, current):
+        same = [n for n, c in enumerate(clicks) if c[2] == z]
+        try:
+            return predictor.predict(points=np.array([clicks[n] for n in same], float), labels=np.array([labels[n] for n in same]),
+                                     previous_mask=current, point_space="ijk").mask
+        except InputError:
+            return None
+
+    return click_curve(volume, initial, target, n_clicks, apply)
 
 
 def curve_memorizing(predictor, volume, initial, target, n_clicks, use_memory):
+    """Every click so far on FINE's segment (the old refiner refines existing segments only)."""
     import numpy as np
 
-    from FINESegmentationLib.refiner.clicks import deepest_click
-
-    spacing = volume.geometry.spacing
-    current = initial.copy()
-    curve, seconds, refused = [dice(current, target)], [], 0
     if not initial.any():
-        return curve + [curve[0]] * n_clicks, seconds, n_clicks  # it refines existing segments only
+        return [dice(initial, target)] * (n_clicks + 1), [], n_clicks
     predictor.set_volume(volume, initial)
-    clicks, labels = [], []
-    for _ in range(n_clicks):
-        click = deepest_click(current, target, spacing)
-        if click is None:
-            curve.append(curve[-1])
-            continue
-        z, y, x = click.position
-        clicks.append((x, y, z))
-        labels.append(int(click.positive))
-        start = time.perf_counter()
-        result = predictor.predict(np.array(clicks, float), np.array(labels), use_memory=use_memory, point_space="ijk")
-        current = result.paste(initial)
-        seconds.append(time.perf_counter() - start)
-        curve.append(dice(current, target))
-    return curve, seconds, refused
+
+    def apply(clicks, labels, z, current):
+        return predictor.predict(np.array(clicks, float), np.array(labels), use_memory=use_memory, point_space="ijk").paste(initial)
+
+    return click_curve(volume, initial, target, n_clicks, apply)
 
 
 def main() -> int:

@@ -35,7 +35,7 @@ from ...labels import ORGANS
 from ...volume import Volume
 from ..memory import ExternalMemory, RetrievedMemory, weights_fingerprint
 from .build import IMAGE_SIZE, LiteMedSAM
-from .slices import SliceFrame, SliceInput, enlarged_box
+from .slices import SliceInput, enlarged_box, labelled_frame
 from .transformer import Attention, SiteMemory
 
 SITES = ("token_to_image.0", "token_to_image.1", "token_to_image.final", "image_to_token.0", "image_to_token.1")
@@ -221,11 +221,7 @@ def dataset_examples(model: LiteMedSAM, cases: Iterable[tuple[str, Volume, Volum
     cases (case id, CT in HU, organ labels on its grid); each slice is embedded once, organs under ``min_pixels``
     pixels of the model input are left out."""
     for case_id, image, label in cases:
-        if image.shape != label.shape:
-            raise InputError(f"Case {case_id}: the labels' shape {label.shape} differs from the image's {image.shape}; give labels on the image's grid.")
-        frame = SliceFrame.of(image)
-        inputs = SliceInput.for_frame(frame)
-        hu, labels = frame.to_frame(image.array), frame.to_frame(label.array)
+        frame, inputs, hu, labels = labelled_frame(case_id, image, label)
         pixel_scale = float(np.prod(inputs.scale_xy))
         by_slice: dict[int, list[int]] = {}
         for organ in ORGANS:

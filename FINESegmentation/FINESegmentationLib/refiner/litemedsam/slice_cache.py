@@ -34,7 +34,7 @@ from ...errors import InputError
 from ...labels import ORGANS
 from ...volume import Volume
 from .build import IMAGE_SIZE, LiteMedSAM
-from .slices import CT_WINDOW, SliceFrame, SliceInput
+from .slices import CT_WINDOW, SliceInput, labelled_frame
 
 logger = logging.getLogger(__name__)
 
@@ -152,11 +152,7 @@ def build_cache(cases: Iterable[tuple[str, Volume, Volume]], folder: str | os.Pa
     model_label_maps: list[np.ndarray] = []
     slice_label_maps: list[np.ndarray] = []
     for case_id, image, label in cases:
-        if image.shape != label.shape:
-            raise InputError(f"Case {case_id}: the labels' shape {label.shape} differs from the image's {image.shape}; give labels on the image's grid.")
-        frame = SliceFrame.of(image)
-        inputs = SliceInput.for_frame(frame)
-        hu, labels = frame.to_frame(image.array), frame.to_frame(label.array)
+        frame, inputs, hu, labels = labelled_frame(case_id, image, label)
         for z in choose_slices(labels, source.per_organ):
             entries.append({"case": case_id, "z": int(z), "height": inputs.height, "width": inputs.width,
                             "new_height": inputs.new_height, "new_width": inputs.new_width, "spacing": [float(frame.spacing[0]), float(frame.spacing[1])]})

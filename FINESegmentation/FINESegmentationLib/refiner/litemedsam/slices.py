@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...errors import InputError
 from ...volume import Volume
 from .build import IMAGE_SIZE
 
@@ -150,3 +151,13 @@ def enlarged_box(mask: np.ndarray, spacing_xy: tuple[float, float], margin_mm: f
     margin = margin_mm / np.asarray(spacing_xy, dtype=np.float64)
     h, w = mask.shape
     return np.clip(box + np.concatenate([-margin, margin]), 0, [w - 1, h - 1, w - 1, h - 1])
+
+
+def labelled_frame(case_id: str, image: Volume, label: Volume) -> tuple[SliceFrame, SliceInput, np.ndarray, np.ndarray]:
+    """(frame, model-input geometry, HU and labels reordered to the frame) of one labelled case; labels not on
+    the image's grid are refused in one sentence."""
+    if image.shape != label.shape:
+        raise InputError(f"Case {case_id}: the labels' shape {label.shape} differs from the image's {image.shape}; give labels on the image's grid.")
+    frame = SliceFrame.of(image)
+    return frame, SliceInput.for_frame(frame), frame.to_frame(image.array), frame.to_frame(label.array)
+
