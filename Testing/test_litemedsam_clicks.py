@@ -270,3 +270,20 @@ def test_with_honour_clicks_an_answer_that_ignores_the_clicks_changes_nothing(mo
     _stub_answers(monkeypatch, predictor, _disk((64, 64), (12, 12), 8))  # never holds the click at (32, 44)
     result = predictor.predict(points=[[44.0, 32.0, 1.0], [32.0, 32.0, 1.0]], labels=[1, 0], previous_mask=previous, point_space="ijk")
     assert np.array_equal(result.mask, previous) and result.stops["up"] == "the answer did not follow the clicks"
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("unreadable points", "not a Slicer markups file"),
+    ("click outside", "lies outside the volume"),
+])
+def test_cli_click_refusals_exit_1_with_one_sentence_and_write_nothing(tmp_path, capsys, problem, message):
+    points = tmp_path / "clicks.mrk.json"
+    if problem == "unreadable points":
+        points.write_text("{ not json")
+    else:
+        _points_file(points, np.array([[0.0, 0.0, 5000.0]]), [True])
+    out = tmp_path / "refined.seg.nrrd"
+    rc = main(["refine", str(REAL / "ct.nii.gz"), "--segment", "spleen", "--points", str(points), "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and message in err and err.count("\n") == 0 and "Traceback" not in err, err
+    assert not out.exists() and not list(tmp_path.glob(".refined*")), "nothing is written"
