@@ -272,6 +272,38 @@ def test_with_honour_clicks_an_answer_that_ignores_the_clicks_changes_nothing(mo
     assert np.array_equal(result.mask, previous) and result.stops["up"] == "the answer did not follow the clicks"
 
 
+def test_with_cut_ignored_a_negative_click_the_answer_ignores_cuts_away_the_structure_under_it_unless_that_is_most_of_the_segment(monkeypatch):
+    from FINESegmentationLib.refiner.litemedsam.predictor import PropagationSettings, SliceAnswer
+
+    predictor = SlicePredictor(cache_slices=1, settings=PropagationSettings(cut_ignored=True))
+    predictor.set_volume(Volume(np.zeros((5, 64, 64), np.float32), Geometry(spacing=(1.0, 1.0, 3.0))))
+    organ = _disk((64, 64), (32, 24), 10)
+    leak = _disk((64, 64), (32, 44), 8)  # another structure the segment spilled into, on slices 1-3
+    previous = np.zeros((5, 64, 64), bool)
+    previous[:] = organ
+    previous[1:4] |= leak
+
+    def answers(under_click):
+        def predict_slice(k, box=None, points=None, labels=None, **kw):
+            # With a box the decoder keeps the whole segment (it ignores the negative click); a click alone
+            # answers the structure under it; a box from that structure's mask follows it to the next slice.
+            if box is None:
+                mask = under_click
+            else:
+                mask = leak if box[0] > 30 else previous[k]
+            return SliceAnswer(mask.copy(), torch.zeros(1, 1, 256, 256), 0.9)
+        monkeypatch.setattr(predictor, "predict_slice", predict_slice)
+
+    answers(leak)
+    cut = predictor.predict(points=[[46.0, 32.0, 2.0]], labels=[0], previous_mask=previous, point_space="ijk")
+    assert all(np.array_equal(cut.mask[z], organ) for z in range(5)), "the leak is cut away on slices 1-3 and the organ kept"
+    assert cut.stops == {"up": "agrees with the previous segment", "down": "agrees with the previous segment"}
+
+    answers(_disk((64, 64), (32, 34), 22))  # the structure under the click holds the whole segment: not taken
+    kept = predictor.predict(points=[[46.0, 32.0, 2.0]], labels=[0], previous_mask=previous, point_space="ijk")
+    assert np.array_equal(kept.mask, previous), "a cut that would take most of the segment changes nothing"
+
+
 @pytest.mark.parametrize("problem, message", [
     ("unreadable points", "not a Slicer markups file"),
     ("click outside", "lies outside the volume"),

@@ -24,7 +24,13 @@ How a prompt becomes a 3-D segment (``propagate=True``):
   least ``settle_dice``): a local correction stays local. Positive clicks near the segment only add to
   it and negative ones only remove (slice by slice, until that changes little); clicks on a slice where
   the segment is empty add the part it missed, and their propagation stops at the first slice that holds
-  the segment. A correction keeps the segment on the slice where its propagation stops.
+  the segment. A correction keeps the segment on the slice where its propagation stops. A removal goes on
+  to the next slice only through parts that touch what it removed on the slice before
+  (``removal_reach_mm``), and stops where it would take more than ``max_removal`` of the segment there.
+  When the decoder's answer ignores a negative click (it still holds it), the click-tuned decoder is asked
+  for the structure under the click (as a positive click alone), and that structure's parts under the
+  clicks are taken away and followed slice by slice (``cut_ignored``), unless it holds more than
+  ``max_removal`` of the segment on the clicked slice (then the structure is the organ itself).
 * Slices that propagation does not reach keep ``previous_mask``.
 
 The published weights were trained with boxes only: with them, clicks on a slice where the segment is
@@ -69,6 +75,9 @@ class PropagationSettings:
     settle_change: float = 0.05
     monotone: bool = True
     honour_clicks: bool = False
+    cut_ignored: bool = False
+    removal_reach_mm: float = 5.0
+    max_removal: float = 0.5
 
 
 @dataclass
@@ -108,12 +117,39 @@ def _follows(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> bool:
 
 
 def _combine(before: np.ndarray | None, answer: np.ndarray, mode: str) -> np.ndarray:
-    """A slice's new mask: positive clicks only add to the segment there, negative ones only remove from it."""
+    """A slice's new mask: positive clicks only add to the segment there, negative ones only remove from it
+    (``remove``: the answer is what stays; ``cut``: the answer is the structure under the clicks, which goes)."""
     if mode == "add":
         return before | answer
     if mode == "remove":
         return before & answer
+    if mode == "cut":
+        return before & ~answer
     return answer
+
+
+def _parts_at(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The connected parts of a slice mask that hold one of the clicks (x, y)."""
+    parts, _ = ndimage.label(mask)
+    h, w = mask.shape
+    held = {int(parts[int(np.clip(round(y), 0, h - 1)), int(np.clip(round(x), 0, w - 1))]) for x, y in np.asarray(points).reshape(-1, 2)}
+    held.discard(0)
+    return np.isin(parts, list(held)) if held else np.zeros(mask.shape, bool)
+
+
+def _removal_near(before: np.ndarray, combined: np.ndarray, removed_before: np.ndarray, reach_px: np.ndarray) -> np.ndarray:
+    """``combined`` with only those removed parts of ``before`` that touch (within ``reach_px`` (y, x) pixels) what
+    was removed on the neighbouring slice: a removal goes on through the structure the click took away, not
+    into another part of the segment that the decoder's answer happened to leave out."""
+    removed = before & ~combined
+    if not removed.any():
+        return combined
+    if not removed_before.any():
+        return before.copy()
+    near = ndimage.distance_transform_edt(~removed_before, sampling=(1.0 / reach_px[0], 1.0 / reach_px[1])) <= 1.0
+    parts, _ = ndimage.label(removed)
+    touching = np.unique(parts[near & removed])
+    return before & ~np.isin(parts, touching[touching > 0])
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -355,6 +391,13 @@ class SlicePredictor:
                 raise InputError(f"The clicks on slice {k + 1} only remove, where the segment is empty; "
                                  "place a positive click on the organ to create it.")
             answer = self.predict_slice(k, rect, on_slice, on_labels, use_memory=use_memory)
+            if mode == "remove" and self.click_trained and self.settings.cut_ignored and not _follows(current[k] & answer.mask, on_slice, on_labels):
+                # The answer keeps a negative click (the decoder did not take it): ask for the structure under
+                # the clicks instead, as a positive click alone, and take its parts under the clicks away.
+                under = self.predict_slice(k, None, on_slice, np.ones_like(on_labels), use_memory=use_memory)
+                cut = _parts_at(under.mask, on_slice)
+                if cut.any() and int((current[k] & cut).sum()) <= self.settings.max_removal * int(current[k].sum()):
+                    answer, mode = SliceAnswer(cut, under.logits, under.iou), "cut"
             if settle and rect is not None and self.settings.honour_clicks and not _follows(answer.mask, on_slice, on_labels):
                 # The answer with the segment's box ignores a click: ask with the clicks alone; if that ignores one
                 # too, the clicks change nothing on this slice.
@@ -415,6 +458,8 @@ class SlicePredictor:
         pixel_mm2 = self.frame.spacing[0] * self.frame.spacing[1]
         source = answer
         ious = [answer.iou]
+        reach_px = s.removal_reach_mm / np.asarray([self.frame.spacing[1], self.frame.spacing[0]], dtype=np.float64)
+        removed = settle_on[k] & ~current[k] if settle_on is not None else None  # what the clicks took away on their slice
         z = k + direction
         while limits[0] <= z <= limits[1]:
             if mode == "fill" and settle_on is not None and settle_on[z].sum() * pixel_mm2 >= s.min_area_mm2:
@@ -433,7 +478,7 @@ class SlicePredictor:
                 reason = "organ ended (the mask left the previous slice's)"
             else:
                 reason = ""
-            corrective = mode in ("add", "remove", "correct")
+            corrective = mode in ("add", "remove", "cut", "correct")
             if reason:
                 if not corrective:  # the organ's end: the slice beyond it is cleared (a correction keeps it)
                     current[z] = False
@@ -443,7 +488,12 @@ class SlicePredictor:
             if mode == "correct" and before.any() and _dice(nxt.mask, before) < s.keep_dice:
                 return "the redrawn slice left the previous segment"
             combined = _combine(before, nxt.mask, mode)
-            if mode in ("add", "remove") and int((combined != before).sum()) <= s.settle_change * max(int(before.sum()), 1):
+            if mode == "cut":
+                combined = _removal_near(before, combined, removed, reach_px)
+                removed = before & ~combined
+                if int(removed.sum()) > s.max_removal * int(before.sum()):
+                    return "the removal would take most of the segment"
+            if mode in ("add", "remove", "cut") and int((combined != before).sum()) <= s.settle_change * max(int(before.sum()), 1):
                 return "agrees with the previous segment"
             current[z] = combined
             drawn[z] = nxt.iou
