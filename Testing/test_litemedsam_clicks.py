@@ -272,6 +272,21 @@ def test_with_honour_clicks_an_answer_that_ignores_the_clicks_changes_nothing(mo
     assert np.array_equal(result.mask, previous) and result.stops["up"] == "the answer did not follow the clicks"
 
 
+def test_after_clicks_propagation_stops_where_the_mask_suddenly_grows_into_a_neighbour(monkeypatch):
+    from FINESegmentationLib.refiner.litemedsam.predictor import SliceAnswer
+
+    predictor = SlicePredictor(cache_slices=1)
+    predictor.set_volume(Volume(np.zeros((6, 64, 64), np.float32), Geometry(spacing=(1.0, 1.0, 3.0))))
+    organ, spilled = _disk((64, 64), (32, 32), 8), _disk((64, 64), (32, 36), 14)  # 201 px, then 613 px (3x)
+
+    def predict_slice(k, box=None, points=None, labels=None, **kw):
+        return SliceAnswer((organ if k in (2, 3) else spilled).copy(), torch.zeros(1, 1, 256, 256), 0.9)
+    monkeypatch.setattr(predictor, "predict_slice", predict_slice)
+    result = predictor.predict(points=[[32.0, 32.0, 2.0]], labels=[1], previous_mask=np.zeros((6, 64, 64), bool), point_space="ijk")
+    assert result.stops == {"up": "organ ended (the mask grew into a neighbour)", "down": "organ ended (the mask grew into a neighbour)"}
+    assert [z for z in range(6) if result.mask[z].any()] == [2, 3], "the slices where the mask tripled are left out"
+
+
 def test_with_cut_ignored_a_negative_click_the_answer_ignores_cuts_away_the_structure_under_it_unless_that_is_most_of_the_segment(monkeypatch):
     from FINESegmentationLib.refiner.litemedsam.predictor import PropagationSettings, SliceAnswer
 

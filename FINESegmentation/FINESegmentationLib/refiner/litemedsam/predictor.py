@@ -21,7 +21,10 @@ How a prompt becomes a 3-D segment (``propagate=True``):
   slice and propagation stays inside its slices.
 * Clicks on a slice re-prompt that slice (with the box of the segment there, or the drawn box) and
   re-propagate from it, stopping also where the new slice agrees with the previous mask (Dice at
-  least ``settle_dice``): a local correction stays local. Positive clicks near the segment only add to
+  least ``settle_dice``): a local correction stays local. After clicks, propagation also ends where
+  the mask grows by more than ``max_growth`` times the previous slice's (and by over
+  ``min_growth_mm2``): an organ's cross-section changes gradually, so such a jump is the mask running
+  into a neighbour (a kidney into the liver). Positive clicks near the segment only add to
   it and negative ones only remove (slice by slice, until that changes little); clicks on a slice where
   the segment is empty add the part it missed, and their propagation stops at the first slice that holds
   the segment. A correction keeps the segment on the slice where its propagation stops. A removal goes on
@@ -76,6 +79,8 @@ class PropagationSettings:
     monotone: bool = True
     honour_clicks: bool = False
     cut_ignored: bool = False
+    max_growth: float = 1.5
+    min_growth_mm2: float = 100.0
     removal_reach_mm: float = 5.0
     max_removal: float = 0.5
 
@@ -476,6 +481,9 @@ class SlicePredictor:
                 reason = f"organ ended (predicted IoU {nxt.iou:.2f})"
             elif int((nxt.mask & source.mask).sum()) < s.min_overlap * area:
                 reason = "organ ended (the mask left the previous slice's)"
+            elif (settle_on is not None and area > s.max_growth * int(source.mask.sum())
+                  and (area - int(source.mask.sum())) * pixel_mm2 > s.min_growth_mm2):
+                reason = "organ ended (the mask grew into a neighbour)"
             else:
                 reason = ""
             corrective = mode in ("add", "remove", "cut", "correct")
