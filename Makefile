@@ -40,9 +40,9 @@ phantom-model: $(STAMP)
 
 # The default model fine-tiny-ct, from nothing: the phantom model above, the synthetic CT around the real
 # anatomy maps (synth-data), then 4000 iterations on that CT from the phantom model (--init) with the CT-wide
-# augmentation and partial fields of view, then 4000 more from that model (--init, lr 3e-4, seed 1); about
-# 65 and 50 min on one shared core. runs/fine-tiny-ct-2/model.pt is the shipped file
-# (Resources/Models/fine-tiny-ct.pt, SHA256 in models.json).
+# augmentation and partial fields of view, then 4000 more from that model (--init, lr 3e-4, seed 1), then
+# 5000 more from the second (--init, lr 3e-4, seed 2); about 65, 50 and 55 min on one shared core.
+# runs/fine-tiny-ct-3/model.pt is the shipped file (Resources/Models/fine-tiny-ct.pt, SHA256 in models.json).
 demo-model: phantom-model synth-data
 	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data $(SYNTH_TRAIN) --out runs/fine-tiny-ct \
 		--init runs/fine-tiny-phantom-tuned/model.pt --epochs 40 --iterations 100 --batch-size 2 --optimizer adamw --lr 5e-4 --seed 0 --device cpu \
@@ -52,6 +52,10 @@ demo-model: phantom-model synth-data
 		--init runs/fine-tiny-ct/model.pt --epochs 40 --iterations 100 --batch-size 2 --optimizer adamw --lr 3e-4 --seed 1 --device cpu \
 		--augment ct --fov-probability 0.5 \
 		--description "FINE fine-tiny trained on synthetic CT around 40 real abdominal organ label maps (fine-seg synth, 100 cases, seed 0; anatomy maps: LeisureLak/labels_tr_remove_useless), from fine-tiny-phantom: 4000 iterations, then 4000 more from fine-tiny-ct (--init, lr 3e-4, seed 1); not for clinical use"
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data $(SYNTH_TRAIN) --out runs/fine-tiny-ct-3 \
+		--init runs/fine-tiny-ct-2/model.pt --epochs 50 --iterations 100 --batch-size 2 --optimizer adamw --lr 3e-4 --seed 2 --device cpu \
+		--augment ct --fov-probability 0.5 \
+		--description "FINE fine-tiny trained on synthetic CT around 40 real abdominal organ label maps (fine-seg synth, 100 cases, seed 0; anatomy maps: LeisureLak/labels_tr_remove_useless), from fine-tiny-phantom: 4000 iterations, 4000 more from the first stage (lr 3e-4, seed 1), then 5000 more from the second (lr 3e-4, seed 2); not for clinical use"
 
 # The ablation of README on the phantoms (run after phantom-model): the token-free and window-token-only variants trained
 # with the demo model's two stages (same data, seeds, 1600 + 3000 iterations), then all of them on 30
@@ -129,7 +133,7 @@ litemedsam-memory: $(STAMP)
 CLICKS_RUN := runs/litemedsam-clicks
 litemedsam-clicks: synth-data
 	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg litemedsam-train --data $(SYNTH_TRAIN) --val-data $(SYNTH_VAL) --out $(CLICKS_RUN) \
-		--max-cases 30 --slices-per-organ 3 --steps 400 --batch-size 8 --lr 1e-4 --seed 0 \
+		--max-cases 30 --slices-per-organ 3 --steps 800 --batch-size 8 --lr 1e-4 --seed 0 \
 		--description "LiteMedSAM prompt encoder + mask decoder fine-tuned for clicks, boxes and mask prompts on axial slices of 30 synthetic CT volumes around real organ label maps (fine-seg synth, seed 0); image encoder as published; not for clinical use"
 	OMP_NUM_THREADS=1 $(PY) benchmarks/litemedsam_clicks.py --val-data $(SYNTH_VAL) --weights $(CLICKS_RUN)/litemedsam-clicks.pt --cache $(CLICKS_RUN)/cache
 
