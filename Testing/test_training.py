@@ -147,10 +147,15 @@ def test_training_writes_a_loadable_checkpoint_and_resumes(tmp_path, phantoms):
     assert info.training["cases"] == ["phantom_000"] and info.training["held_out"] == ["phantom_001"], "held-out case not trained on"
     assert info.preprocessing.std > 0 and info.preprocessing.clip[0] < info.preprocessing.clip[1], "intensity statistics from the data"
     assert int(model.trained_visits.sum()) > 0, "training counts the cells its crops visited"
-    settings.epochs, settings.resume = 2, str(tmp_path / "run" / "checkpoint_latest.pt")
-    train(settings)
+    # Resumed with the command's defaults (SGD, lr 1e-2): the run goes on with its own AdamW and lr.
+    train(TrainSettings(data=str(phantoms), out=str(tmp_path / "run"), epochs=2, device="cpu", progress=False,
+                        resume=str(tmp_path / "run" / "checkpoint_latest.pt")))
     payload = read_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")
     assert payload["extra"]["epoch"] == 2 and payload["metadata"]["training"]["epochs_done"] == 2, "resumed from epoch 1 to 2"
+    run = payload["metadata"]["training"]
+    assert (run["settings"]["optimizer"], run["settings"]["lr"], run["settings"]["iterations"]) == ("adamw", 1e-3, 2), \
+        "the run's own optimizer, learning rate and iterations"
+    assert run["held_out"] == ["phantom_001"], "the run's validation case stays held out"
 
 
 @pytest.mark.parametrize("strength", STRENGTHS)

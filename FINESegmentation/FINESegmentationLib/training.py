@@ -27,7 +27,7 @@ import csv
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,16 +105,43 @@ def _distributed() -> tuple[int, int, int]:
     return rank, world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+# What a run is: ``--resume`` continues with the values the run started with (a resumed AdamW run given the
+# default optimizer would otherwise load AdamW's state into SGD and fail, or silently change course).
+RUN_SETTINGS = ("config", "window_tokens", "volume_tokens", "iterations", "batch_size", "optimizer", "lr", "momentum",
+                "grad_clip", "seed", "target_spacing", "foreground_fraction", "bank_probability", "augment",
+                "fov_probability", "label_map", "validation_cases")
+
+
+def resumed_settings(settings: TrainSettings, payload: dict) -> TrainSettings:
+    """``settings`` with the run-defining values recorded in a resumed checkpoint; ``epochs`` only grows
+    (a run may be extended, never cut short by a default)."""
+    stored = ((payload.get("metadata") or {}).get("training") or {}).get("settings") or {}
+    changes: dict[str, Any] = {}
+    for name in RUN_SETTINGS:
+        if name in stored:
+            value = tuple(stored[name]) if isinstance(getattr(settings, name), tuple) else stored[name]
+            if value != getattr(settings, name):
+                changes[name] = value
+    if int(stored.get("epochs", 0)) > settings.epochs:
+        changes["epochs"] = int(stored["epochs"])
+    if changes and settings.progress:
+        print("Resuming with the run's own settings: " + ", ".join(f"{k} {v}" for k, v in changes.items()), flush=True)
+    return replace(settings, **changes)
+
+
 def train(settings: TrainSettings) -> Path:
     """Train a FINE model; returns the path of the final checkpoint (``<out>/model.pt``)."""
+    if settings.resume and settings.init:
+        raise InputError("Give either --resume (continue a run) or --init (start a new run from a model's weights), not both.")
+    resume_payload = read_checkpoint(settings.resume) if settings.resume else None
+    if resume_payload is not None:
+        settings = resumed_settings(settings, resume_payload)
     if settings.optimizer not in ("sgd", "adamw"):
         raise InputError(f"Unknown optimizer '{settings.optimizer}'; use sgd or adamw.")
     if settings.augment not in STRENGTHS:
         raise InputError(f"Unknown augmentation '{settings.augment}'; use one of: {', '.join(STRENGTHS)}.")
     if not 0.0 <= settings.fov_probability <= 1.0:
         raise InputError(f"--fov-probability must lie between 0 and 1, not {settings.fov_probability:g}.")
-    if settings.resume and settings.init:
-        raise InputError("Give either --resume (continue a run) or --init (start a new run from a model's weights), not both.")
     rank, world, local_rank = _distributed()
     device = resolve_device(settings.device)
     if device.type == "cuda" and world > 1:
@@ -143,7 +170,7 @@ def train(settings: TrainSettings) -> Path:
         info.description = settings.description or info.description
         init_weights = payload["state_dict"]
     elif settings.resume:
-        payload = read_checkpoint(settings.resume)
+        payload = resume_payload
         info = ModelInfo.from_dict(payload["metadata"])
         extra = payload.get("extra", {})
         start_epoch = int(extra.get("epoch", 0))
