@@ -27,13 +27,13 @@ How a prompt becomes a 3-D segment (``propagate=True``):
   into a neighbour (a kidney into the liver). Positive clicks near the segment only add to
   it and negative ones only remove (slice by slice, until that changes little); clicks on a slice where
   the segment is empty add the part it missed, and their propagation stops at the first slice that holds
-  the segment. A correction keeps the segment on the slice where its propagation stops. A removal goes on
-  to the next slice only through parts that touch what it removed on the slice before
+  the segment. A correction keeps the segment on the slice where its propagation stops. With
+  ``cut_ignored`` (off; README measures it), when the decoder's answer ignores a negative click (it still
+  holds it), the click-tuned decoder is asked for the structure under the click (as a positive click
+  alone), and that structure's parts under the clicks are taken away, unless it holds more than
+  ``max_removal`` of the segment on the clicked slice (then the structure is the organ itself); the cut
+  is followed slice by slice only through parts that touch what it removed on the slice before
   (``removal_reach_mm``), and stops where it would take more than ``max_removal`` of the segment there.
-  When the decoder's answer ignores a negative click (it still holds it), the click-tuned decoder is asked
-  for the structure under the click (as a positive click alone), and that structure's parts under the
-  clicks are taken away and followed slice by slice (``cut_ignored``), unless it holds more than
-  ``max_removal`` of the segment on the clicked slice (then the structure is the organ itself).
 * Slices that propagation does not reach keep ``previous_mask``.
 
 The published weights were trained with boxes only: with them, clicks on a slice where the segment is
@@ -463,8 +463,9 @@ class SlicePredictor:
         pixel_mm2 = self.frame.spacing[0] * self.frame.spacing[1]
         source = answer
         ious = [answer.iou]
-        reach_px = s.removal_reach_mm / np.asarray([self.frame.spacing[1], self.frame.spacing[0]], dtype=np.float64)
-        removed = settle_on[k] & ~current[k] if settle_on is not None else None  # what the clicks took away on their slice
+        if mode == "cut":  # what the cut took away on its slice, and how far a removal may reach from it
+            reach_px = s.removal_reach_mm / np.asarray([self.frame.spacing[1], self.frame.spacing[0]], dtype=np.float64)
+            removed = settle_on[k] & ~current[k]
         z = k + direction
         while limits[0] <= z <= limits[1]:
             if mode == "fill" and settle_on is not None and settle_on[z].sum() * pixel_mm2 >= s.min_area_mm2:
