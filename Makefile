@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench phantom-model demo-model ablation demo-refiner synth-data litemedsam-weights litemedsam-memory litemedsam-clicks clean
+.PHONY: install demo test bench phantom-model demo-model ablation demo-refiner synth-data litemedsam-weights litemedsam-memory litemedsam-clicks litemedsam-clicks-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -122,7 +122,7 @@ litemedsam-weights: $(STAMP)
 # file's SHA256, the value registered in Resources/Models/models.json.
 MEMORY_CASES := $(foreach n,0000 0003 0007 0010 0014 0017 0020 0024 0027 0031 0034 0038 0041 0044 0048 0051 0055 0058 0061 0065 0068 0072 0075 0079 0082 0085 0089 0092 0096 0099,synth_$(n))
 litemedsam-memory: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg refiner-memory --refiner litemedsam --data $(SYNTH_TRAIN) --cases $(MEMORY_CASES) \
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg refiner-memory --refiner litemedsam --model litemedsam --data $(SYNTH_TRAIN) --cases $(MEMORY_CASES) \
 		--slices-per-organ 1 -o Resources/Models/litemedsam-memory.pt \
 		--description "LiteMedSAM memory (decoder site token_to_image.1): the middle slice of every organ of 30 synthetic CT volumes around real organ label maps (fine-seg synth, /work/data/synth-train), prompted by reference boxes 3 mm looser; not for clinical use"
 
@@ -136,6 +136,14 @@ litemedsam-clicks: synth-data
 		--max-cases 30 --slices-per-organ 3 --steps 800 --batch-size 8 --lr 1e-4 --seed 0 \
 		--description "LiteMedSAM prompt encoder + mask decoder fine-tuned for clicks, boxes and mask prompts on axial slices of 30 synthetic CT volumes around real organ label maps (fine-seg synth, seed 0); image encoder as published; not for clinical use"
 	OMP_NUM_THREADS=1 $(PY) benchmarks/litemedsam_clicks.py --val-data $(SYNTH_VAL) --weights $(CLICKS_RUN)/litemedsam-clicks.pt --cache $(CLICKS_RUN)/cache
+
+# A memory over the click-tuned weights (the same 30 volumes and settings as litemedsam-memory; about 6 min on one
+# core): what the click curves "with memory" of the new refiner read (benchmarks/click_curves.py --refiners
+# litemedsam-clicks+memory --clicks-memory $(CLICKS_RUN)/litemedsam-clicks-memory.pt). Not bundled: it did not help (README).
+litemedsam-clicks-memory: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg refiner-memory --refiner litemedsam --model litemedsam-clicks --data $(SYNTH_TRAIN) --cases $(MEMORY_CASES) \
+		--slices-per-organ 1 -o $(CLICKS_RUN)/litemedsam-clicks-memory.pt \
+		--description "LiteMedSAM memory over the click-tuned prompt encoder and decoder (litemedsam-clicks, site token_to_image.1): the middle slice of every organ of 30 synthetic CT volumes around real organ label maps (fine-seg synth); not for clinical use"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -188,16 +188,20 @@ def test_cli_builds_a_litemedsam_memory_and_refine_reads_it_when_given(tmp_path,
     built = SliceMemory.load(out)
     assert len(built) == 1 and built.memory.examples == [{"case": "case", "slice": 1, "organ": 5}], "the liver's middle slice"
     assert json.dumps(built.metadata["settings"]) and built.settings.roi_grid == 4, "the settings are stored with the memory"
+    assert built.metadata["click_trained"] is True, "by default the memory is built over the click-tuned weights fine-seg refine uses"
     assert main(["refiner-memory", "--refiner", "litemedsam", "--data", str(data), "-o", str(tmp_path / "x.pt"), "--site", "encoder"]) == 1
     assert "Unknown memory site 'encoder'" in capsys.readouterr().err and not (tmp_path / "x.pt").exists(), "a bad site: one sentence, no file"
     embeddings = _embeddings(3, seed=7)
     monkeypatch.setattr(SlicePredictor, "embedding", lambda self, k: embeddings[k])
     box = tmp_path / "box.mrk.json"
     box.write_text(json.dumps({"markups": [{"type": "ROI", "coordinateSystem": "LPS", "center": [39.0, 47.0, 3.0], "size": [44.0, 44.0, 0.0]}]}))
-    for flags, used in (([], False), (["--memory", str(out)], True)):
+    for flags, used in (([], None), (["--memory", str(out)], str(out)), (["--memory", "litemedsam-memory"], "litemedsam-memory")):
         assert main(["refine", str(data / "imagesTr" / "case_0000.nii.gz"), "--segment", "liver", "--box", str(box),
-                     "-o", str(tmp_path / "out.seg.nrrd"), *flags]) == 0
-        assert ("memory " + str(out) in capsys.readouterr().out) == used, "fine-seg refine reads the memory given with --memory, only then"
+                     "-o", str(tmp_path / "out.seg.nrrd"), *flags]) == 0, \
+            "without --model, the weights the memory was built over (click-tuned for a new one, published for the bundled one)"
+        printed = capsys.readouterr().out
+        assert ("; memory " in printed) == bool(used) and (used is None or "memory " + used in printed), \
+            "fine-seg refine reads the memory given with --memory, only then"
 
 
 def test_the_bundled_memory_is_registered_fits_the_bundled_weights_and_stays_small(model):
@@ -211,3 +215,13 @@ def test_the_bundled_memory_is_registered_fits_the_bundled_weights_and_stays_sma
     assert memory.settings == MemorySettings() and "not for clinical use" in memory.metadata["description"], \
         "built with the default site, grid and ratio, from synthetic data"
     assert {e["organ"] for e in memory.memory.examples} == set(range(1, 9)), "every organ is remembered"
+
+
+def test_a_memory_without_weights_picks_the_weights_it_was_built_over():
+    from FINESegmentationLib.refiner.litemedsam.click_weights import slice_weights
+
+    if not slice_weights(None)[1]:
+        pytest.skip("no click-tuned weights are registered")
+    bundled = SlicePredictor(memory="litemedsam-memory")  # built over the published decoder (README's example)
+    assert bundled.has_memory and not bundled.click_trained, "the bundled memory brings the published weights it was built with"
+    assert SlicePredictor().click_trained, "without a memory the default stays the click-tuned weights"

@@ -119,9 +119,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         return 0
     from .refiner.litemedsam.predictor import SlicePredictor
 
-    memory = None if args.no_memory else args.memory
-    # A LiteMedSAM memory holds what the published decoder computed: without --model it goes with those weights.
-    predictor = SlicePredictor(model=args.model or ("litemedsam" if memory else None), memory=memory)
+    # Without --model, a memory goes with the weights it was built over (click-tuned or published).
+    predictor = SlicePredictor(model=args.model, memory=None if args.no_memory else args.memory)
     if len(points) and not predictor.click_trained:
         print("fine-seg: warning: these LiteMedSAM weights are trained on boxes only; on the real CT of README one click after "
               "a box lowered the kidneys' Dice from 0.91-0.93 to 0.48-0.50, so prefer a box or the click-tuned weights.", file=sys.stderr)
@@ -158,12 +157,12 @@ def _cmd_refiner_memory(args: argparse.Namespace) -> int:
 
     output = check_output_path(args.output, (".pt",))
     if args.refiner == "litemedsam":
-        from .refiner.litemedsam.build import load_litemedsam
+        from .refiner.litemedsam.click_weights import load_slice_model
         from .refiner.litemedsam.memory import MemorySettings, slice_memory_from_dataset
 
         given = {"site": args.site, "local_ratio": args.local_ratio, "k": args.k, "roi_grid": args.roi_grid}
         settings = MemorySettings(**{key: value for key, value in given.items() if value is not None})
-        memory = slice_memory_from_dataset(load_litemedsam(args.model)[0], args.data, args.cases, args.slices_per_organ, settings,
+        memory = slice_memory_from_dataset(load_slice_model(args.model), args.data, args.cases, args.slices_per_organ, settings,
                                            args.description, progress=not args.quiet)
     else:
         from .refiner.build import load_refiner
@@ -241,7 +240,8 @@ def add_refiner_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("refiner-memory", help="build a refiner's memory file from a labelled dataset")
     p.add_argument("--data", required=True, help="labelled dataset folder (nnU-Net / MSD or BCV layout)")
     p.add_argument("--refiner", choices=REFINERS[1:], default="memorizing-sam", help="the refiner the memory is for")
-    p.add_argument("--model", default=None, help="registered refiner name or weights file (default: the bundled one)")
+    p.add_argument("--model", default=None, help="registered refiner name or weights file (default: the bundled one; for "
+                   "LiteMedSAM the click-tuned weights, as fine-seg refine uses them, or --model litemedsam for the published ones)")
     p.add_argument("-o", "--output", required=True, help="memory file to write (.pt)")
     p.add_argument("--cases", nargs="*", help="case ids to memorise (default: all)")
     p.add_argument("--description", default="", help="what the memory holds (stored in the file)")

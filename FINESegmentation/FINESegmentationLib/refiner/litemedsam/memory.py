@@ -199,6 +199,7 @@ def build_slice_memory(model: LiteMedSAM, examples: Iterable[tuple[torch.Tensor,
     memory = ExternalMemory(torch.stack(descriptors), torch.stack(keys).half(), torch.stack(values).half(), infos, {
         "refiner": REFINER,
         "refiner_fingerprint": weights_fingerprint(model),
+        "click_trained": bool(getattr(model, "click_trained", False)),
         "settings": settings.to_dict(),
         "description": description,
         "examples": len(infos),

@@ -166,8 +166,8 @@ class SlicePredictor:
     """LiteMedSAM loaded once; one volume at a time, its slice embeddings cached.
 
     model: a registered weights name (published ``litemedsam`` or click-tuned ``litemedsam-clicks``), a
-    weights file, None (the click-tuned weights when registered, else the published ones) or a
-    :class:`~.build.LiteMedSAM`; ``click_trained`` says whether its decoder answers clicks alone. window: the CT window in HU. memory: None, a registered memory name, a
+    weights file, None (the click-tuned weights when registered, else the published ones; with a memory, the
+    weights it was built over) or a :class:`~.build.LiteMedSAM`; ``click_trained`` says whether its decoder answers clicks alone. window: the CT window in HU. memory: None, a registered memory name, a
     memory file or a :class:`~.memory.SliceMemory` built with these weights; ``use_memory`` (on when a
     memory is given) or ``predict(use_memory=...)`` switches it.
     """
@@ -175,13 +175,15 @@ class SlicePredictor:
     def __init__(self, model: Any = None, device: str | torch.device = "cpu", settings: PropagationSettings | None = None,
                  cache_slices: int = 128, window: tuple[float, float] = CT_WINDOW, memory: Any = None) -> None:
         self.device = torch.device(device)
+        self.memory: SliceMemory | None = memory if memory is None or isinstance(memory, SliceMemory) else load_slice_memory(memory)
+        if model is None and self.memory is not None and not self.memory.metadata.get("click_trained"):
+            model = "litemedsam"  # a memory built over the published decoder goes with those weights
         if not isinstance(model, LiteMedSAM):
             from .click_weights import load_slice_model
 
             model = load_slice_model(model)
         self.model: LiteMedSAM = model.to(self.device).eval()
         self.click_trained = bool(getattr(model, "click_trained", False))
-        self.memory: SliceMemory | None = memory if memory is None or isinstance(memory, SliceMemory) else load_slice_memory(memory)
         if self.memory is not None:
             self.memory.check_compatible(self.model)
         self.use_memory = self.memory is not None
