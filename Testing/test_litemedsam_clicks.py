@@ -319,6 +319,46 @@ def test_with_cut_ignored_a_negative_click_the_answer_ignores_cuts_away_the_stru
     assert np.array_equal(kept.mask, previous), "a cut that would take most of the segment changes nothing"
 
 
+def test_with_max_addition_a_positive_click_stops_adding_where_the_answer_creeps_into_a_neighbour(monkeypatch):
+    from FINESegmentationLib.refiner.litemedsam.predictor import PropagationSettings, SliceAnswer
+
+    organ = _disk((64, 64), (32, 20), 8)
+    creep = {z: _disk((64, 64), (32, 31 + r), r) for z, r in enumerate((3, 3, 4, 5, 6, 7, 8, 9))}  # grows a little per slice
+    previous = np.zeros((8, 64, 64), bool)
+    previous[:] = organ
+    results = {}
+    for limit in (0.0, 2.0):
+        predictor = SlicePredictor(cache_slices=1, settings=PropagationSettings(max_addition=limit))
+        predictor.set_volume(Volume(np.zeros((8, 64, 64), np.float32), Geometry(spacing=(2.0, 2.0, 3.0))))
+        monkeypatch.setattr(predictor, "predict_slice", lambda k, *a, **kw: SliceAnswer(organ | creep[k], torch.zeros(1, 1, 256, 256), 0.9))
+        results[limit] = predictor.predict(points=[[31.0, 32.0, 2.0]], labels=[1], previous_mask=previous, point_space="ijk")
+    added = [int((creep[z] & ~organ).sum()) for z in range(8)]
+    first = added[2]
+    stop = next(z for z in range(3, 8) if added[z] > 2 * first and (added[z] - first) * 4.0 > 100.0)
+    assert all(np.array_equal(results[0.0].mask[z], organ | creep[z]) for z in range(2, 8)), "without the limit it adds up to the volume's end"
+    assert results[2.0].stops["up"] == "the addition outgrew the clicked slice's"
+    assert all(np.array_equal(results[2.0].mask[z], organ | creep[z]) for z in range(2, stop)), "additions up to the limit are kept"
+    assert all(np.array_equal(results[2.0].mask[z], organ) for z in range(stop, 8)), f"from slice {stop} on the segment is kept as it was"
+
+
+def test_with_skip_ignored_removal_a_negative_click_the_answer_keeps_removes_nothing_else(monkeypatch):
+    from FINESegmentationLib.refiner.litemedsam.predictor import PropagationSettings
+
+    organ = _disk((64, 64), (32, 24), 10)
+    bowel = _disk((64, 64), (32, 44), 8)  # where the segment crept; the click asks for it to go
+    previous = np.zeros((5, 64, 64), bool)
+    previous[:] = organ | bowel
+    results = {}
+    for skip in (False, True):
+        predictor = SlicePredictor(cache_slices=1, settings=PropagationSettings(skip_ignored_removal=skip))
+        predictor.set_volume(Volume(np.zeros((5, 64, 64), np.float32), Geometry(spacing=(1.0, 1.0, 3.0))))
+        _stub_answers(monkeypatch, predictor, bowel)  # the decoder draws the clicked structure, not what should stay
+        results[skip] = predictor.predict(points=[[46.0, 32.0, 2.0]], labels=[0], previous_mask=previous, point_space="ijk")
+    assert not results[False].mask[2][organ].any(), "without the option the organ is what goes (the answer is what stays)"
+    assert np.array_equal(results[True].mask, previous), "with it, the slice and its neighbours stay as they were"
+    assert results[True].stops["up"] == "the answer kept a removed voxel"
+
+
 @pytest.mark.parametrize("problem, message", [
     ("unreadable points", "not a Slicer markups file"),
     ("click outside", "lies outside the volume"),

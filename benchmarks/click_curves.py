@@ -23,6 +23,7 @@ Slice embeddings are shared by the two LiteMedSAM variants (same frozen image en
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -133,6 +134,8 @@ def main() -> int:
     parser.add_argument("--clicks-memory", default=None, help="memory file built over the click-tuned weights (litemedsam-clicks+memory)")
     parser.add_argument("--organs", nargs="+", default=None, help="organ names (default: all eight)")
     parser.add_argument("--clicks", type=int, default=10)
+    parser.add_argument("--propagation", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="LiteMedSAM PropagationSettings changed from the defaults, e.g. skip_ignored_removal=true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args()
@@ -144,25 +147,31 @@ def main() -> int:
     from FINESegmentationLib.inference import Segmenter
     from FINESegmentationLib.io import write_text_atomically
     from FINESegmentationLib.labels import ORGANS
-    from FINESegmentationLib.refiner.litemedsam.predictor import SlicePredictor
+    from FINESegmentationLib.refiner.litemedsam.predictor import PropagationSettings, SlicePredictor
 
     torch.set_num_threads(args.threads)
     organs = [o for o in ORGANS if args.organs is None or o.name in args.organs]
     segmenter = Segmenter(args.fine)
+    changed = {}
+    for item in args.propagation:
+        name, _, value = item.partition("=")
+        default = getattr(PropagationSettings(), name)
+        changed[name] = value.lower() in ("1", "true", "yes", "on") if isinstance(default, bool) else type(default)(value)
+    settings = dataclasses.replace(PropagationSettings(), **changed)
     slice_predictors = {}
     if "litemedsam-clicks" in args.refiners:
-        slice_predictors["litemedsam-clicks"] = SlicePredictor("litemedsam-clicks")
+        slice_predictors["litemedsam-clicks"] = SlicePredictor("litemedsam-clicks", settings=settings)
     if "litemedsam-clicks+memory" in args.refiners:
-        slice_predictors["litemedsam-clicks+memory"] = SlicePredictor("litemedsam-clicks", memory=args.clicks_memory)
+        slice_predictors["litemedsam-clicks+memory"] = SlicePredictor("litemedsam-clicks", memory=args.clicks_memory, settings=settings)
     if "litemedsam" in args.refiners:
-        slice_predictors["litemedsam"] = SlicePredictor("litemedsam")
+        slice_predictors["litemedsam"] = SlicePredictor("litemedsam", settings=settings)
     memorizing = None
     if any(r.startswith("memorizing-sam") for r in args.refiners):
         from FINESegmentationLib.refiner.predictor import RefinerPredictor
 
         memorizing = RefinerPredictor(None)
     results = {"machine": machine(), "date": datetime.date.today().isoformat(), "fine": segmenter.model_name,
-               "clicks": args.clicks, "cases": []}
+               "clicks": args.clicks, "propagation": changed, "cases": []}
     for group, case_id, load in cases(args):
         volume, reference = load()
         start = time.perf_counter()
@@ -203,7 +212,9 @@ def render(results: dict, refiners: list[str]) -> str:
     import numpy as np
 
     lines = [f"Dice (%) after 0-{results['clicks']} clicks from FINE's segments ({results['fine']}, default settings), click n at "
-             f"the deepest point of the largest 3-D error; {results['machine']['cpu']}, {results['date']}.", ""]
+             f"the deepest point of the largest 3-D error; {results['machine']['cpu']}, {results['date']}" +
+             ("; LiteMedSAM propagation changed: " + ", ".join(f"{k} = {v}" for k, v in results["propagation"].items())
+              if results.get("propagation") else "") + ".", ""]
     steps = [0, 1, 2, 3, 5, 10]
     steps = [s for s in steps if s <= results["clicks"]]
     for group in dict.fromkeys(c["group"] for c in results["cases"]):

@@ -25,7 +25,10 @@ How a prompt becomes a 3-D segment (``propagate=True``):
   the mask grows by more than ``max_growth`` times the previous slice's (and by over
   ``min_growth_mm2``): an organ's cross-section changes gradually, so such a jump is the mask running
   into a neighbour (a kidney into the liver). Positive clicks near the segment only add to
-  it and negative ones only remove (slice by slice, until that changes little); clicks on a slice where
+  it and negative ones only remove (slice by slice, until that changes little); an addition also stops
+  where it exceeds ``max_addition`` times what the clicks added on their own slice (and by over
+  ``min_growth_mm2``): an answer that creeps a little further into a neighbour on each slice (the
+  stomach into bowel) has no sudden jump for the growth stop to catch (0 turns this off); clicks on a slice where
   the segment is empty add the part it missed, and their propagation stops at the first slice that holds
   the segment. A correction keeps the segment on the slice where its propagation stops. With
   ``cut_ignored`` (off; README measures it), when the decoder's answer ignores a negative click (it still
@@ -34,6 +37,8 @@ How a prompt becomes a 3-D segment (``propagate=True``):
   ``max_removal`` of the segment on the clicked slice (then the structure is the organ itself); the cut
   is followed slice by slice only through parts that touch what it removed on the slice before
   (``removal_reach_mm``), and stops where it would take more than ``max_removal`` of the segment there.
+  With ``skip_ignored_removal`` (off; README measures it), such a negative click changes nothing instead
+  (what the answer leaves out is not what was asked to go).
 * Slices that propagation does not reach keep ``previous_mask``.
 
 The published weights were trained with boxes only: with them, clicks on a slice where the segment is
@@ -83,6 +88,8 @@ class PropagationSettings:
     min_growth_mm2: float = 100.0
     removal_reach_mm: float = 5.0
     max_removal: float = 0.5
+    skip_ignored_removal: bool = False
+    max_addition: float = 2.0
 
 
 @dataclass
@@ -405,6 +412,12 @@ class SlicePredictor:
                 cut = _parts_at(under.mask, on_slice)
                 if cut.any() and int((current[k] & cut).sum()) <= self.settings.max_removal * int(current[k].sum()):
                     answer, mode = SliceAnswer(cut, under.logits, under.iou), "cut"
+            if mode == "remove" and self.settings.skip_ignored_removal and not _follows(current[k] & answer.mask, on_slice, on_labels):
+                # The answer keeps a voxel the clicks remove (the decoder drew another structure): what it
+                # leaves out is not what was asked to go, so the slice and its neighbours stay as they were.
+                result.prompted.append(k)
+                result.stops = {"up": "the answer kept a removed voxel", "down": "the answer kept a removed voxel"}
+                continue
             if settle and rect is not None and self.settings.honour_clicks and not _follows(answer.mask, on_slice, on_labels):
                 # The answer with the segment's box ignores a click: ask with the clicks alone; if that ignores one
                 # too, the clicks change nothing on this slice.
@@ -468,6 +481,8 @@ class SlicePredictor:
         if mode == "cut":  # what the cut took away on its slice, and how far a removal may reach from it
             reach_px = s.removal_reach_mm / np.asarray([self.frame.spacing[1], self.frame.spacing[0]], dtype=np.float64)
             removed = settle_on[k] & ~current[k]
+        if mode == "add":  # what the clicks added on their own slice
+            first_added = max(int((current[k] & ~settle_on[k]).sum()), 1)
         z = k + direction
         while limits[0] <= z <= limits[1]:
             if mode == "fill" and settle_on is not None and settle_on[z].sum() * pixel_mm2 >= s.min_area_mm2:
@@ -506,6 +521,10 @@ class SlicePredictor:
                     return "the removal would take most of the segment"
             if mode in ("add", "remove", "cut") and int((combined != before).sum()) <= s.settle_change * max(int(before.sum()), 1):
                 return "agrees with the previous segment"
+            if mode == "add" and s.max_addition and before.any():
+                added = int((combined & ~before).sum())
+                if added > s.max_addition * first_added and (added - first_added) * pixel_mm2 > s.min_growth_mm2:
+                    return "the addition outgrew the clicked slice's"
             current[z] = combined
             drawn[z] = nxt.iou
             if before is not None and before.any() and _dice(combined, before) >= s.settle_dice:
