@@ -44,27 +44,21 @@ phantom-model: $(STAMP)
 # 5000 more from the second (--init, lr 3e-4, seed 2), 6000 more from the third (--init, lr 3e-4, seed 3),
 # then 4000 more from the fourth (--init, lr 3e-4, seed 4); about 65, 50, 55, 60 and 48 min on one shared core.
 # runs/fine-tiny-ct-5/model.pt is the shipped file (Resources/Models/fine-tiny-ct.pt, SHA256 in models.json).
+# $(,) is a literal comma inside $(call ...) arguments.
+, := ,
+CT_DATA := FINE fine-tiny trained on synthetic CT around 40 real abdominal organ label maps (fine-seg synth, 100 cases, seed 0; anatomy maps: LeisureLak/labels_tr_remove_useless), from fine-tiny-phantom
+# $(call ct-stage,OUT,INIT,EPOCHS,LR,SEED,HISTORY): one training stage on the synthetic CT from INIT's weights.
+define ct-stage
+	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data $(SYNTH_TRAIN) --out $(1) \
+		--init $(2) --epochs $(3) --iterations 100 --batch-size 2 --optimizer adamw --lr $(4) --seed $(5) --device cpu \
+		--augment ct --fov-probability 0.5 --description "$(CT_DATA)$(6); not for clinical use"
+endef
 demo-model: phantom-model synth-data
-	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data $(SYNTH_TRAIN) --out runs/fine-tiny-ct \
-		--init runs/fine-tiny-phantom-tuned/model.pt --epochs 40 --iterations 100 --batch-size 2 --optimizer adamw --lr 5e-4 --seed 0 --device cpu \
-		--augment ct --fov-probability 0.5 \
-		--description "FINE fine-tiny trained on synthetic CT around 40 real abdominal organ label maps (fine-seg synth, 100 cases, seed 0; anatomy maps: LeisureLak/labels_tr_remove_useless), from fine-tiny-phantom; not for clinical use"
-	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data $(SYNTH_TRAIN) --out runs/fine-tiny-ct-2 \
-		--init runs/fine-tiny-ct/model.pt --epochs 40 --iterations 100 --batch-size 2 --optimizer adamw --lr 3e-4 --seed 1 --device cpu \
-		--augment ct --fov-probability 0.5 \
-		--description "FINE fine-tiny trained on synthetic CT around 40 real abdominal organ label maps (fine-seg synth, 100 cases, seed 0; anatomy maps: LeisureLak/labels_tr_remove_useless), from fine-tiny-phantom: 4000 iterations, then 4000 more from fine-tiny-ct (--init, lr 3e-4, seed 1); not for clinical use"
-	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data $(SYNTH_TRAIN) --out runs/fine-tiny-ct-3 \
-		--init runs/fine-tiny-ct-2/model.pt --epochs 50 --iterations 100 --batch-size 2 --optimizer adamw --lr 3e-4 --seed 2 --device cpu \
-		--augment ct --fov-probability 0.5 \
-		--description "FINE fine-tiny trained on synthetic CT around 40 real abdominal organ label maps (fine-seg synth, 100 cases, seed 0; anatomy maps: LeisureLak/labels_tr_remove_useless), from fine-tiny-phantom: 4000 iterations, 4000 more from the first stage (lr 3e-4, seed 1), then 5000 more from the second (lr 3e-4, seed 2); not for clinical use"
-	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data $(SYNTH_TRAIN) --out runs/fine-tiny-ct-4 \
-		--init runs/fine-tiny-ct-3/model.pt --epochs 60 --iterations 100 --batch-size 2 --optimizer adamw --lr 3e-4 --seed 3 --device cpu \
-		--augment ct --fov-probability 0.5 \
-		--description "FINE fine-tiny trained on synthetic CT around 40 real abdominal organ label maps (fine-seg synth, 100 cases, seed 0; anatomy maps: LeisureLak/labels_tr_remove_useless), from fine-tiny-phantom: 4000 iterations, 4000 more (lr 3e-4, seed 1), 5000 more (lr 3e-4, seed 2), then 6000 more (lr 3e-4, seed 3); not for clinical use"
-	OMP_NUM_THREADS=1 $(VENV)/bin/fine-seg train --data $(SYNTH_TRAIN) --out runs/fine-tiny-ct-5 \
-		--init runs/fine-tiny-ct-4/model.pt --epochs 40 --iterations 100 --batch-size 2 --optimizer adamw --lr 3e-4 --seed 4 --device cpu \
-		--augment ct --fov-probability 0.5 \
-		--description "FINE fine-tiny trained on synthetic CT around 40 real abdominal organ label maps (fine-seg synth, 100 cases, seed 0; anatomy maps: LeisureLak/labels_tr_remove_useless), from fine-tiny-phantom: 4000 iterations, 4000 more (lr 3e-4, seed 1), 5000 more (lr 3e-4, seed 2), 6000 more (lr 3e-4, seed 3), then 4000 more (lr 3e-4, seed 4); not for clinical use"
+	$(call ct-stage,runs/fine-tiny-ct,runs/fine-tiny-phantom-tuned/model.pt,40,5e-4,0,)
+	$(call ct-stage,runs/fine-tiny-ct-2,runs/fine-tiny-ct/model.pt,40,3e-4,1,: 4000 iterations$(,) then 4000 more from fine-tiny-ct (--init$(,) lr 3e-4$(,) seed 1))
+	$(call ct-stage,runs/fine-tiny-ct-3,runs/fine-tiny-ct-2/model.pt,50,3e-4,2,: 4000 iterations$(,) 4000 more from the first stage (lr 3e-4$(,) seed 1)$(,) then 5000 more from the second (lr 3e-4$(,) seed 2))
+	$(call ct-stage,runs/fine-tiny-ct-4,runs/fine-tiny-ct-3/model.pt,60,3e-4,3,: 4000 iterations$(,) 4000 more (lr 3e-4$(,) seed 1)$(,) 5000 more (lr 3e-4$(,) seed 2)$(,) then 6000 more (lr 3e-4$(,) seed 3))
+	$(call ct-stage,runs/fine-tiny-ct-5,runs/fine-tiny-ct-4/model.pt,40,3e-4,4,: 4000 iterations$(,) 4000 more (lr 3e-4$(,) seed 1)$(,) 5000 more (lr 3e-4$(,) seed 2)$(,) 6000 more (lr 3e-4$(,) seed 3)$(,) then 4000 more (lr 3e-4$(,) seed 4))
 
 # The ablation of README on the phantoms (run after phantom-model): the token-free and window-token-only variants trained
 # with the demo model's two stages (same data, seeds, 1600 + 3000 iterations), then all of them on 30
