@@ -7,7 +7,7 @@ kidney. Held-out synthetic anatomy (a dataset whose root holds ``synth_info.json
 {case_id: {"phase": ..., "fov": ..., ...}}) is also split by contrast phase and by field of
 view. Every model runs as ``fine-seg segment`` runs it by default (what Segment in Slicer
 runs); each ``--variant NAME=OPTIONS`` adds a run with options (comma-separated: fast, tta,
-largest-component, stateless, refine-all). Writes real_ct.json and real_ct.md into ``--out``, atomically.
+largest-component, stateless, accumulate, refine-all). Writes real_ct.json and real_ct.md into ``--out``, atomically.
 
     python benchmarks/real_ct.py --model old=fine-tiny-phantom --model new=runs/x/model.pt \\
         [--real DIR] [--synth DATA] [--phantoms DATA] [--variant product=tta,largest-component] [--out benchmarks]
@@ -42,7 +42,7 @@ from FINESegmentationLib.labels import ORGANS  # noqa: E402
 
 DEFAULT_REAL = ROOT.parent / "shared" / "data" / "real-ct" / "ts-example-noncontrast"
 OPTIONS = {"fast": {"fast": True}, "tta": {"tta": True}, "largest-component": {"largest_component": True}, "stateless": {"bank": "stateless"},
-           "refine-all": {"refine_all": True}}
+           "accumulate": {"bank": "accumulate"}, "refine-all": {"refine_all": True}}
 GROUPINGS = ("phase", "fov")
 
 
