@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"an extra run with options, comma-separated from: {', '.join(OPTIONS)}")
     ap.add_argument("--real", default=str(DEFAULT_REAL), help="real CT: a folder with ct.nii.gz + labels.nii.gz, or a dataset")
     ap.add_argument("--synth", help="held-out synthetic anatomy: a dataset with synth_info.json at its root")
+    ap.add_argument("--synth-cases", nargs="+", default=None, metavar="ID", help="only these case ids of --synth (default: all)")
     ap.add_argument("--phantoms", help="old phantoms: a dataset (fine-seg phantom output)")
     ap.add_argument("--max-cases", type=int, default=None, help="at most this many cases per data set (the first by id)")
     ap.add_argument("--device", default="auto")
@@ -174,7 +175,14 @@ def _run(args: argparse.Namespace) -> int:
             print(f"real_ct.py: error: {args.synth} has no synth_info.json; give the held-out synthetic dataset.", file=sys.stderr)
             return 2
         info = json.loads(info_path.read_text())
-        datasets.append(("synth", f"Held-out synthetic anatomy ({Path(args.synth).name})", find_cases(args.synth), info))
+        cases = find_cases(args.synth)
+        if args.synth_cases:
+            missing = sorted(set(args.synth_cases) - {c.case_id for c in cases})
+            if missing:
+                print(f"real_ct.py: error: {args.synth} has no case {', '.join(missing)}.", file=sys.stderr)
+                return 2
+            cases = [c for c in cases if c.case_id in args.synth_cases]
+        datasets.append(("synth", f"Held-out synthetic anatomy ({Path(args.synth).name})", cases, info))
     if args.phantoms:
         datasets.append(("phantoms", f"Old phantoms ({Path(args.phantoms).name})", find_cases(args.phantoms), {}))
     if not datasets:
