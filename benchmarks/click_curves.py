@@ -155,6 +155,9 @@ def main() -> int:
     changed = {}
     for item in args.propagation:
         name, _, value = item.partition("=")
+        if name not in {f.name for f in dataclasses.fields(PropagationSettings)}:
+            parser.error(f"--propagation: unknown setting '{name}'; name one of: "
+                         f"{', '.join(f.name for f in dataclasses.fields(PropagationSettings))}")
         default = getattr(PropagationSettings(), name)
         changed[name] = value.lower() in ("1", "true", "yes", "on") if isinstance(default, bool) else type(default)(value)
     settings = dataclasses.replace(PropagationSettings(), **changed)
