@@ -109,7 +109,8 @@ class FINESegmentationParameterNode:
     model: a registered model name or a checkpoint path ("" means the first registered model).
     device: "auto" (best available), "cpu", "cuda:N" or "mps".
     outputSegmentation: None creates a new segmentation; a chosen one has its organ segments replaced.
-    refineAll: after FINE, redraw every organ slice by slice with LiteMedSAM (minutes on a CPU).
+    refineAll: after FINE, redraw every organ slice by slice with LiteMedSAM (on by default; the fast quality
+    skips it; minutes on a CPU for a whole abdomen).
     attention*: the Attention section: the point list (its last point is used), stage, block, overlay
     opacity, and the nodes that show the last map (reused when the map is shown again).
     refine*: the Refine section: the refiner, the segmentation and segment being refined (or an organ to
@@ -124,7 +125,7 @@ class FINESegmentationParameterNode:
     quality: Annotated[str, Choice(["full", "fast"])] = "full"
     bank: Annotated[str, Choice(["accumulate", "stateless"])] = "stateless"
     tta: bool = False
-    refineAll: bool = False
+    refineAll: bool = True
     attentionPoint: vtkMRMLMarkupsFiducialNode
     attentionStage: Annotated[str, Choice(ATTENTION_STAGES)] = "encoder0"
     attentionBlock: Annotated[int, WithinRange(0, 7)] = 1
@@ -395,7 +396,8 @@ class FINESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._jobNodes = (p.inputVolume, p.outputSegmentation)
         self._job = self.logic.startSegmentation(
-            volume, model=p.model or None, device=p.device, bank=p.bank, fast=p.quality == "fast", tta=p.tta, refine_all=p.refineAll
+            volume, model=p.model or None, device=p.device, bank=p.bank, fast=p.quality == "fast", tta=p.tta,
+            refine_all=p.refineAll and p.quality != "fast",  # fast: FINE alone, as fine-seg segment --fast
         )
         self._jobStarted = time.monotonic()
         self.ui.segmentButton.text = _("Cancel")
@@ -727,11 +729,11 @@ class FINESegmentationLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ segmentation (delegated to the engine)
 
     def segment(self, volumeNode, segmentationNode=None, model=None, device="auto", bank="stateless", fast=False,
-                tta=False, refineAll=False, progress=None, cancel: Optional[threading.Event] = None):
+                tta=False, refineAll=None, progress=None, cancel: Optional[threading.Event] = None):
         """Segment a CT volume node; returns the segmentation node (a new one unless ``segmentationNode`` is given).
 
-        ``refineAll``: then redraw every organ slice by slice with LiteMedSAM (about 3.6 s per slice on a
-        CPU). ``progress`` receives a ``FINESegmentationLib.inference.Progress`` per crop (or a
+        ``refineAll``: then redraw every organ slice by slice with LiteMedSAM (None, the default: on unless
+        ``fast``; about 1-2 s per slice on a CPU). ``progress`` receives a ``FINESegmentationLib.inference.Progress`` per crop (or a
         download/loading/refine-all message); setting ``cancel`` stops within one crop (or slice) and
         raises ``CancelledError`` with the scene unchanged.
         """
@@ -740,7 +742,7 @@ class FINESegmentationLogic(ScriptedLoadableModuleLogic):
                                  tta=tta, refine_all=refineAll, progress=progress, cancel=cancel)
 
     def segmentFiles(self, inputPaths, outputDir, model=None, device="auto", bank="stateless", fast=False, tta=False,
-                     refineAll=False, extension=".seg.nrrd", progress=None, cancel: Optional[threading.Event] = None):
+                     refineAll=None, extension=".seg.nrrd", progress=None, cancel: Optional[threading.Event] = None):
         """Segment CT files or DICOM folders into ``outputDir``; one result dict per input (see the engine's docs)."""
         self._requireRequirements()
         return self.core.segmentFiles(inputPaths, outputDir, model=model, device=device, bank=bank, fast=fast, tta=tta,

@@ -98,8 +98,10 @@ def test_a_failing_case_in_a_batch_does_not_stop_the_others(capsys, tmp_path, ti
 
 
 def test_demo_generates_segments_and_scores_a_phantom(capsys, tmp_path, tiny_checkpoint):
-    code = main(["demo", "--model", str(tiny_checkpoint), "--in-plane", "64", "--out", str(tmp_path / "demo"), "--device", "cpu"])
+    code = main(["demo", "--model", str(tiny_checkpoint), "--in-plane", "64", "--out", str(tmp_path / "demo"), "--device", "cpu",
+                 "--no-refine-all"])  # refine-all itself: test_litemedsam
     out = capsys.readouterr().out
     assert code == 0
     assert {"phantom_ct.nii.gz", "phantom_ct.seg.nrrd", "phantom_reference.seg.nrrd", "report.json"} <= {p.name for p in (tmp_path / "demo").iterdir()}
     assert "| Method | HD95 (mm) | DSC |" in out and "Segmented in" in out, "the demo prints the time and a Dice table"
+    assert "FINE alone" in out, "and says that refine-all was switched off"

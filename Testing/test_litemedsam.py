@@ -155,6 +155,32 @@ def test_refine_all_redraws_every_organ_on_the_input_geometry(predictor, real):
     assert score >= 0.89, f"refine-all from reference boxes redraws the liver (Dice {score:.3f}, measured 0.943)"
 
 
+def test_refine_all_keeps_an_organs_outline_where_the_answer_left_it_for_another_structure(monkeypatch):
+    import torch
+
+    predictor = SlicePredictor("litemedsam", cache_slices=1)
+    volume = Volume(np.zeros((2, 64, 64), np.float32), Geometry(spacing=(1.0, 1.0, 3.0)))
+    predictor.set_volume(volume)
+    yy, xx = np.mgrid[:64, :64]
+    organ = (np.abs(yy - 32) < 8) & (np.abs(xx - 20) < 8)  # FINE's organ (label 2) on both slices
+    grown = (np.abs(yy - 32) < 9) & (np.abs(xx - 20) < 12)  # slice 0: an answer that redraws it (covers it all)
+    elsewhere = (np.abs(yy - 32) < 8) & (np.abs(xx - 45) < 8)  # slice 1: an answer on another structure
+    answers = {0: grown, 1: elsewhere}
+    frame = predictor.frame
+    monkeypatch.setattr(predictor, "slice_logits", lambda k, box=None, **kw: (
+        torch.from_numpy(np.where(frame.to_frame(np.stack([answers[0], answers[1]]))[k], 5.0, -5.0).astype(np.float32)),
+        torch.zeros(1, 1, 256, 256), 0.9))
+    labels = Volume(np.stack([organ, organ]).astype(np.uint8) * 2, volume.geometry)
+    result = refine_all(predictor, volume, labels)
+    assert np.array_equal(result.labels.array[0] == 2, grown), "an answer that covers the organ replaces its outline"
+    assert np.array_equal(result.labels.array[1] == 2, organ), "an answer that left the organ does not: the outline stays"
+    assert result.report["kept"] == 1 and result.report["min_cover"] == 0.3
+    every = refine_all(predictor, volume, labels, min_cover=0.0)
+    assert np.array_equal(every.labels.array[1] == 2, elsewhere), "min_cover=0: every answer replaces"
+    with pytest.raises(InputError, match="min_cover must lie between 0 and 1"):
+        refine_all(predictor, volume, labels, min_cover=1.5)
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
@@ -261,3 +287,10 @@ def test_segment_refine_all_switch_redraws_fines_organs_on_the_input_grid(tmp_pa
     assert data["refine_all"] is not None and data["refine_all"]["slices"] <= 2 and "refine_all" in data["timings_s"], \
         "the report says what refine-all redrew and how long it took"
     assert read_segmentation(out).geometry.allclose(ct.geometry, atol=1e-6), "the refined segmentation keeps the CT's geometry"
+
+    for flags, runs in (([], True), (["--fast"], False), (["--fast", "--refine-all"], True), (["--no-refine-all"], False)):
+        rc = main(["segment", "-q", "--device", "cpu", "--model", str(tiny_checkpoint), *flags, str(source), "-o", str(out),
+                   "--report", str(report)])
+        assert rc == 0, capsys.readouterr().err
+        assert (json.loads(report.read_text())["refine_all"] is not None) == runs, \
+            f"refine-all runs by default and is skipped by --fast or --no-refine-all ({flags}: {'on' if runs else 'off'})"

@@ -149,6 +149,8 @@ def test_click_tuned_litemedsam_weights_are_the_default_once_registered(tmp_path
     path.write_text(json.dumps(registry))
     assert slice_weights(None, path) == ("litemedsam-clicks", True), "registered click-tuned weights are the default"
     assert slice_weights("litemedsam", path) == ("litemedsam", False), "a chosen model is kept"
+    with pytest.raises(CheckpointError, match=r"Unknown LiteMedSAM weights 'nope': give a registered name \(litemedsam, litemedsam-clicks\)"):
+        slice_weights("nope", path)  # every registered name is offered, the click-tuned ones too
 
 
 # ----------------------------------------------------------------------------- clicks in 3-D with the bundled click weights

@@ -148,18 +148,19 @@ def test_the_ui_offers_what_the_issue_asks_for():
     assert {name: widgets.get(name) for name in expected} == expected
 
 
-def test_the_refine_all_switch_is_stored_off_by_default_passed_to_the_engine_and_states_its_cost():
+def test_the_refine_all_switch_is_stored_on_by_default_passed_to_the_engine_and_states_its_cost():
     root = ET.parse(UI_FILE).getroot()
     advanced = next(w for w in root.iter("widget") if w.get("name") == "advancedCollapsibleButton")
     switch = next((w for w in advanced.iter("widget") if w.get("name") == "refineAllCheckBox"), None)
     assert switch is not None, "the switch sits in Segment's Advanced area"
     assert switch.findtext("property[@name='SlicerParameterName']/string") == "refineAll"
-    assert "3.6 s per slice" in switch.findtext("property[@name='toolTip']/string"), "its tooltip says the CPU cost README measured"
-    assert _parameters(_module_tree())["refineAll"] == "bool" and "refineAll: bool = False" in MODULE_FILE.read_text(), "off by default"
+    assert "s per slice" in switch.findtext("property[@name='toolTip']/string"), "its tooltip says the CPU cost README measured"
+    assert switch.findtext("property[@name='checked']/bool") == "true", "the box is drawn checked"
+    assert _parameters(_module_tree())["refineAll"] == "bool" and "refineAll: bool = True" in MODULE_FILE.read_text(), "on by default"
     calls = [n for n in ast.walk(_class(_module_tree(), "FINESegmentationWidget")) if isinstance(n, ast.Call)
              and isinstance(n.func, ast.Attribute) and n.func.attr == "startSegmentation"]
-    assert any(ast.unparse(k.value) == "p.refineAll" for c in calls for k in c.keywords if k.arg == "refine_all"), \
-        "Segment passes the switch to the engine's refine_all"
+    assert any(ast.unparse(k.value) == "p.refineAll and p.quality != 'fast'" for c in calls for k in c.keywords if k.arg == "refine_all"), \
+        "Segment passes the switch to the engine's refine_all, and the fast quality skips it (as fine-seg segment --fast)"
 
 
 def test_the_logic_offers_the_documented_console_api():

@@ -33,13 +33,17 @@ def data(tmp_path_factory):
 
 
 def test_real_ct_benchmark_writes_models_side_by_side_with_groups_and_kidney_swaps(real_ct, data, coarse_checkpoint, tmp_path):
+    # FINE alone (refine-all's LiteMedSAM would take minutes on these phantoms; its switch is tested in test_litemedsam).
     code = real_ct.main(["--model", f"old={coarse_checkpoint}", "--model", f"new={coarse_checkpoint}", "--variant", "quick=fast,stateless",
+                         "--variant-models", "new", "--fine-alone",
                          "--real", str(data / "real"), "--synth", str(data / "synth"), "--phantoms", str(data / "synth"),
                          "--device", "cpu", "--threads", "1", "--out", str(tmp_path), "-q"])
     assert code == 0
     report = json.loads((tmp_path / "real_ct.json").read_text())
     assert set(report["datasets"]) == {"real", "synth", "phantoms"}, "the three data sets are evaluated"
-    assert list(report["datasets"]["real"]["summary"]) == ["old", "new", "old quick", "new quick"], "models side by side, then variants"
+    assert list(report["datasets"]["real"]["summary"]) == ["old", "new", "new quick"], \
+        "models side by side, then the variant for the model --variant-models names"
+    assert "Each runs as FINE alone" in (tmp_path / "real_ct.md").read_text(), "the tables say refine-all was off"
     assert report["datasets"]["real"]["case_ids"] == ["real"], "the image/label pair is one case"
     assert set(report["datasets"]["synth"]["groups"]["phase"]) == {"arterial", "portal-venous"}
     assert report["datasets"]["synth"]["groups"]["fov"]["slab"]["old"]["cases"] == 1, "cases grouped by their field of view"
@@ -59,4 +63,7 @@ def test_real_ct_benchmark_refuses_bad_input_with_one_sentence(real_ct, data, co
     with pytest.raises(SystemExit):
         real_ct.main(["--model", f"m={coarse_checkpoint}", "--variant", "x=mirror"])
     assert "unknown option 'mirror'" in capsys.readouterr().err
+    assert real_ct.main(["--model", f"m={coarse_checkpoint}", "--variant", "q=fast", "--variant-models", "other",
+                         "--real", str(data / "real"), "--out", str(tmp_path)]) == 2
+    assert "--variant-models names no model other" in capsys.readouterr().err
     assert not (tmp_path / "real_ct.json").exists(), "nothing is written for a refused run"

@@ -287,9 +287,12 @@ def test_the_refine_all_switch_reaches_the_engine(mrml_scene, ct, tiny_checkpoin
         slab = Volume(np.ascontiguousarray(whole.array[1:3]), Geometry(whole.geometry.spacing, tuple(origin[:3]), whole.geometry.direction))
         events = []
         output = core.startSegmentation(slab, model=str(tiny_checkpoint), device="cpu", fast=True, refine_all=True).wait(events.append)
-        plain = core.startSegmentation(slab, model=str(tiny_checkpoint), device="cpu", fast=True).wait()
+        fast = core.startSegmentation(slab, model=str(tiny_checkpoint), device="cpu", fast=True).wait()
+        default = core.startSegmentation(slab, model=str(tiny_checkpoint), device="cpu").wait()
+        off = core.startSegmentation(slab, model=str(tiny_checkpoint), device="cpu", refine_all=False).wait()
     finally:
         core.worker.shutdown(timeout=30)
     assert output.report["refine_all"] is not None and output.report["refine_all"]["slices"] <= 2, "refine-all ran on FINE's organs"
-    assert plain.report["refine_all"] is None, "and only when switched on"
+    assert default.report["refine_all"] is not None, "it runs by default"
+    assert fast.report["refine_all"] is None and off.report["refine_all"] is None, "fast, or the switch off, skips it"
     assert any(isinstance(e, str) and e.startswith("Refine all") for e in events), "its slices are reported to the GUI"

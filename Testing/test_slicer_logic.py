@@ -222,7 +222,7 @@ def test_progress_reaches_the_caller_on_its_own_thread(logic, chest_node, coarse
         threads.add(threading.get_ident())
         events.append(event)
 
-    logic.segment(chest_node, model=str(coarse_checkpoint), device="cpu", bank="accumulate", progress=on_progress)
+    logic.segment(chest_node, model=str(coarse_checkpoint), device="cpu", bank="accumulate", refine_all=False, progress=on_progress)
     crops = [e for e in events if isinstance(e, Progress)]
     assert threads == {threading.get_ident()}, "callbacks run on the caller's thread, torch on the worker"
     assert {p.pass_index for p in crops} == {1, 2} and crops[-1].crop == crops[-1].crops, "pass i/2 and crop i/N are reported"
@@ -286,7 +286,7 @@ def test_batch_refuses_outputs_that_would_collide(logic, tmp_path, coarse_checkp
 def test_the_loaded_model_is_reused_between_runs(logic, chest_node, coarse_checkpoint):
     logic.segment(chest_node, model=str(coarse_checkpoint), **FAST)
     loaded = logic._loaded[1]
-    logic.segment(chest_node, model=str(coarse_checkpoint), device="cpu", bank="stateless", fast=False, tta=False)
+    logic.segment(chest_node, model=str(coarse_checkpoint), device="cpu", bank="stateless", fast=False, tta=False, refine_all=False)
     assert logic._loaded[1] is loaded, "changing quality or bank mode does not reload the model"
 
 

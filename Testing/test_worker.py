@@ -89,7 +89,7 @@ def test_poll_delivers_progress_then_the_result_without_blocking(worker):
 
 
 def test_cancel_stops_a_segmentation_within_one_crop_on_the_worker(worker, tiny_checkpoint):
-    segmenter = Segmenter(str(tiny_checkpoint), device="cpu", bank="stateless")
+    segmenter = Segmenter(str(tiny_checkpoint), device="cpu", bank="stateless", refine_all=False)
     ct = make_ct(shape=(24, 120, 120), spacing=(3.0, 3.0, 6.0))  # several crops
     started = threading.Event()
 

@@ -45,7 +45,7 @@ def worker(job: dict) -> dict:
     centre = (np.array(volume.shape[::-1]) - 1) / 2
     kind = job["kind"]
     if kind == "segment":
-        runner = Segmenter(job["model"], device=job["device"], bank="accumulate")
+        runner = Segmenter(job["model"], device=job["device"], bank="accumulate", refine_all=False)
         run = lambda: runner.segment(volume)  # noqa: E731
     else:
         mapper = AttentionMapper(job["model"], device=job["device"], bank=kind.split("-")[1])

@@ -6,8 +6,9 @@ per-case mean Dice, and the share of each kidney's reference voxels labelled as 
 kidney. Held-out synthetic anatomy (a dataset whose root holds ``synth_info.json``,
 {case_id: {"phase": ..., "fov": ..., ...}}) is also split by contrast phase and by field of
 view. Every model runs as ``fine-seg segment`` runs it by default (what Segment in Slicer
-runs); each ``--variant NAME=OPTIONS`` adds a run with options (comma-separated: fast, tta,
-largest-component, stateless, accumulate, refine-all). Writes real_ct.json and real_ct.md into ``--out``, atomically.
+runs: FINE, then refine-all), or as FINE alone with ``--fine-alone``; each ``--variant NAME=OPTIONS`` adds a run with options (comma-separated: fast, tta,
+largest-component, stateless, accumulate, refine-all, no-refine-all), for every model or those of
+``--variant-models``. Writes real_ct.json and real_ct.md into ``--out``, atomically.
 
     python benchmarks/real_ct.py --model old=fine-tiny-phantom --model new=runs/x/model.pt \\
         [--real DIR] [--synth DATA] [--phantoms DATA] [--variant product=tta,largest-component] [--out benchmarks]
@@ -42,7 +43,8 @@ from FINESegmentationLib.labels import ORGANS  # noqa: E402
 
 DEFAULT_REAL = ROOT.parent / "shared" / "data" / "real-ct" / "ts-example-noncontrast"
 OPTIONS = {"fast": {"fast": True}, "tta": {"tta": True}, "largest-component": {"largest_component": True}, "stateless": {"bank": "stateless"},
-           "accumulate": {"bank": "accumulate"}, "refine-all": {"refine_all": True}}
+           "accumulate": {"bank": "accumulate"}, "refine-all": {"refine_all": True},
+           "no-refine-all": {"refine_all": False}}
 GROUPINGS = ("phase", "fov")
 
 
@@ -143,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="a registered model name or a checkpoint, named for the tables (repeat for more models)")
     ap.add_argument("--variant", action="append", default=[], type=_variant, metavar="NAME=OPTIONS",
                     help=f"an extra run with options, comma-separated from: {', '.join(OPTIONS)}")
+    ap.add_argument("--variant-models", nargs="+", default=None, metavar="NAME",
+                    help="run the variants only for these models (default: every model)")
+    ap.add_argument("--fine-alone", action="store_true",
+                    help="the base run of every model is FINE alone (no refine-all) instead of the default pipeline")
     ap.add_argument("--real", default=str(DEFAULT_REAL), help="real CT: a folder with ct.nii.gz + labels.nii.gz, or a dataset")
     ap.add_argument("--synth", help="held-out synthetic anatomy: a dataset with synth_info.json at its root")
     ap.add_argument("--synth-cases", nargs="+", default=None, metavar="ID", help="only these case ids of --synth (default: all)")
@@ -191,8 +197,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_cases:
         datasets = [(k, t, cases[: args.max_cases], info) for k, t, cases, info in datasets]
 
-    runs = [(name, model, "default", {}) for name, model in args.model]
-    runs += [(name, model, vname, options) for vname, options in args.variant for name, model in args.model]
+    unknown = sorted(set(args.variant_models or []) - {name for name, _ in args.model})
+    if unknown:
+        print(f"real_ct.py: error: --variant-models names no model {', '.join(unknown)}.", file=sys.stderr)
+        return 2
+    base = {"refine_all": False} if args.fine_alone else {}
+    runs = [(name, model, "default", base) for name, model in args.model]
+    runs += [(name, model, vname, {**base, **options}) for vname, options in args.variant for name, model in args.model
+             if args.variant_models is None or name in args.variant_models]
     results: dict[str, dict[str, Evaluation]] = {key: {} for key, *_ in datasets}
     models, timings = {}, {}
     for name, model, vname, options in runs:
@@ -208,8 +220,10 @@ def _run(args: argparse.Namespace) -> int:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
     md = ["# FINE models on real CT, held-out synthetic anatomy and the old phantoms", "",
           "Models: " + "; ".join(f"{n} = {m['model']} (sha256 {str(m['sha256'])[:12]})" for n, m in models.items()) + ".",
-          "Each runs with the default `fine-seg segment` settings (stateless bank, overlap 0.5, no TTA, no "
-          "largest-component filter: what Segment in Slicer runs)"
+          ("Each runs as FINE alone (`fine-seg segment --no-refine-all`: stateless bank, overlap 0.5, no TTA, no "
+           "largest-component filter)" if args.fine_alone else
+           "Each runs with the default `fine-seg segment` settings (stateless bank, overlap 0.5, no TTA, no "
+           "largest-component filter, then refine-all: what Segment in Slicer runs)")
           + "".join(f"; `{v}` adds {', '.join(f'{k}={o}' for k, o in opts.items())}" for v, opts in args.variant) + ".",
           f"Machine: {machine}.", ""]
     report: dict = {"machine": machine, "models": models, "variants": dict(args.variant), "timings_s": timings, "datasets": {}}

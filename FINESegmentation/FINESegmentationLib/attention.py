@@ -256,7 +256,7 @@ class AttentionMapper:
     """
 
     def __init__(self, model: Any = None, device: str = "auto", bank: str = "accumulate", fast: bool = False) -> None:
-        self.segmenter = Segmenter(model, device=device, bank=bank, fast=fast, sw_batch_size=1)
+        self.segmenter = Segmenter(model, device=device, bank=bank, fast=fast, sw_batch_size=1, refine_all=False)
         self.model = self.segmenter.model
         self.info = self.segmenter.info
 

@@ -162,6 +162,12 @@ class _SliceBar:
             self.bar.close()
 
 
+def _refine_all_switch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refine-all", action=argparse.BooleanOptionalAction, default=None,
+                   help="after FINE, redraw every organ slice by slice with LiteMedSAM from its own boxes (the default, "
+                   "off with --fast; about 1-2 s per slice with organs on a CPU, see README); --no-refine-all: FINE alone")
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     import json
 
@@ -178,7 +184,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     for case, target in zip(cases, outputs):
         probs = target.with_name(case_name(target) + "_probabilities.nii.gz") if args.probabilities else None
         bar = _ProgressBar(case_name(case), not args.quiet)
-        refine_bar = _SliceBar(f"{case_name(case)} refine-all", not args.quiet and args.refine_all)
+        refine_bar = _SliceBar(f"{case_name(case)} refine-all", not args.quiet and segmenter.refine_all)
         try:
             result = segmenter.segment_file(case, target, probabilities_path=probs, progress=bar, refine_progress=refine_bar)
         except FINEError as exc:
@@ -296,7 +302,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .io import write_text_atomically
 
     segmenter = Segmenter(model=args.model, device=args.device, bank=args.bank, fast=args.fast,
-                          largest_component=args.largest_component, tta=args.tta)
+                          largest_component=args.largest_component, tta=args.tta, refine_all=args.refine_all)
     result = evaluate(segmenter, args.data, args.cases, args.label_map, name=args.name, progress=not args.quiet)
     print(markdown_table([result]))
     if result.swaps():
@@ -322,16 +328,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     made = time.perf_counter() - t0
     image_path = write_volume(case.image, out / "phantom_ct.nii.gz")
     write_segmentation(case.label, out / "phantom_reference.seg.nrrd")
-    segmenter = Segmenter(model=args.model, device=args.device)
+    segmenter = Segmenter(model=args.model, device=args.device, refine_all=args.refine_all)
     bar = _ProgressBar("demo", True)
-    result = segmenter.segment_file(image_path, out / "phantom_ct.seg.nrrd", progress=bar)
-    bar.close()
+    refine_bar = _SliceBar("demo refine-all", segmenter.refine_all)
+    try:
+        result = segmenter.segment_file(image_path, out / "phantom_ct.seg.nrrd", progress=bar, refine_progress=refine_bar)
+    finally:
+        bar.close()
+        refine_bar.close()
+    refined = result.report.get("refine_all")
     scores = Evaluation(f"{segmenter.model_name} ({result.report['bank']})", {"demo": case_metrics(result.labels, case.label)})
     write_text_atomically(out / "report.json", __import__("json").dumps(result.report, indent=2))
     print(f"Phantom {case.info.get('case', '')}: {case.image.shape[2]}x{case.image.shape[1]}x{case.image.shape[0]} voxels "
           f"(x, y, z) at {', '.join(f'{s:.2f}' for s in case.image.geometry.spacing)} mm, made in {made:.1f} s.")
     print(f"Segmented in {result.report['timings_s']['total']:.1f} s on {result.report['device']} "
-          f"({result.report['crops_per_pass']} crops x {result.report['passes']} passes).")
+          f"({result.report['crops_per_pass']} crops x {result.report['passes']} passes"
+          + (f"; FINE {result.report['timings_s']['total'] - refined['total_s']:.1f} s, then refine-all: {refined['slices']} slices "
+             f"in {refined['total_s']:.1f} s" if refined else "; FINE alone") + ").")
     print("Dice (%) per organ against the phantom's reference labels:")
     print(markdown_table([scores]))
     print(f"Outputs in {out}/: phantom_ct.nii.gz, phantom_ct.seg.nrrd (load both in 3D Slicer), phantom_reference.seg.nrrd, report.json")
@@ -357,11 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", choices=["accumulate", "stateless"], default="stateless",
                    help="volume-token bank: start every crop from the learned tokens in one pass (default), or accumulate "
                    "over the volume in two passes (the same Dice for the shipped models, README, at twice the time)")
-    p.add_argument("--fast", action="store_true", help="less crop overlap (0.25 instead of 0.5): about 2-3x fewer crops")
+    p.add_argument("--fast", action="store_true", help="FINE alone (no refine-all unless --refine-all is given) with less crop "
+                   "overlap (0.25 instead of 0.5): about 2-3x fewer crops")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average each crop over +-10 degree in-plane rotations and 0.9/1.1 scalings (5x slower)")
     p.add_argument("--largest-component", action="store_true", help="keep only each organ's largest connected component")
-    p.add_argument("--refine-all", action="store_true", help="then redraw every organ slice by slice with LiteMedSAM from its own "
-                   "boxes (about 2 s per slice with organs on one CPU core; see README)")
+    _refine_all_switch(p)
     p.add_argument("--format", choices=["seg.nrrd", "nii.gz"], default="seg.nrrd", help="Slicer segmentation (default) or NIfTI label map")
     p.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (<name>_probabilities.nii.gz)")
     p.add_argument("--report", metavar="REPORT.json", help="write timings, crops, device, precision and peak memory as JSON")
@@ -451,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", nargs="*", help="case ids to evaluate (default: all)")
     p.add_argument("--label-map", default="identity")
     p.add_argument("--bank", choices=["accumulate", "stateless"], default="stateless")
-    p.add_argument("--fast", action="store_true")
+    p.add_argument("--fast", action="store_true", help="as in segment: FINE alone, less crop overlap")
+    _refine_all_switch(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--name", default=None, help="row name in the table")
     p.add_argument("--csv", help="write per-case and mean metrics as CSV")
@@ -466,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--in-plane", type=int, default=512)
     p.add_argument("--case", type=int, default=0, help="which phantom of the demo series")
+    _refine_all_switch(p)
     p.set_defaults(func=_cmd_demo)
 
     add_refiner_commands(sub)

@@ -233,7 +233,8 @@ class Segmenter:
     ``fast``: less crop overlap (0.25 instead of 0.5). ``tta``: average each crop's prediction over
     ``TTA_VARIANTS`` (small in-plane rotations and scalings, undone on the probabilities).
     ``refine_all``: redraw every organ FINE found with LiteMedSAM, slice by slice from its own boxes
-    (:func:`~.refiner.litemedsam.refine_all.refine_all`); the probabilities stay FINE's.
+    (:func:`~.refiner.litemedsam.refine_all.refine_all`); the probabilities stay FINE's. ``None`` (the
+    default): on, unless ``fast`` (then FINE alone: the fast mode keeps FINE's CPU time).
     """
 
     def __init__(
@@ -246,7 +247,7 @@ class Segmenter:
         largest_component: bool = False,
         sw_batch_size: int | None = None,
         overlap: float | None = None,
-        refine_all: bool = False,
+        refine_all: bool | None = None,
     ) -> None:
         if bank not in BANK_MODES:
             raise InputError(f"Unknown bank mode '{bank}'; use one of: {', '.join(BANK_MODES)}.")
@@ -270,7 +271,7 @@ class Segmenter:
         self.sw_batch_size = sw_batch_size or (4 if self.device.type == "cuda" else 1)
         self.stitch_device = self.device
         self.autocast_dtype = _autocast_dtype(self.device)
-        self.refine_all = refine_all
+        self.refine_all = (not fast) if refine_all is None else bool(refine_all)
         self._slice_predictor = None  # LiteMedSAM, loaded on the first refine-all
 
     @property

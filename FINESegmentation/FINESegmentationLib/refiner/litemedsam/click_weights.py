@@ -86,8 +86,16 @@ def slice_weights(model: str | os.PathLike | None = None, registry: Any = None) 
         return (clicks[0], True) if clicks else (None, False)
     if str(model) in clicks:
         return str(model), True
-    path = Path(model)
-    if path.is_file() and path.stat().st_size < 64 * 2**20:
+    path = Path(model).expanduser()
+    if not path.is_file():
+        from .build import KIND
+
+        published = list(read_registry(registry, kind=KIND))
+        if str(model) not in published:
+            known = ", ".join(published + clicks) or "none registered"
+            raise CheckpointError(f"Unknown LiteMedSAM weights '{model}': give a registered name ({known}) or the path of a weights file.")
+        return str(model), False
+    if path.stat().st_size < 64 * 2**20:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # not readable here: load_litemedsam refuses it in one sentence
