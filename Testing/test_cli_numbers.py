@@ -125,3 +125,13 @@ def test_an_mr_like_warning_is_printed_once(tmp_path, tiny_checkpoint):
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("not like a CT") == 1 and done.stderr.count("\n") == 1, \
         f"the MR-like warning is the one line on stderr, got {done.stderr!r}"
+
+
+@pytest.mark.parametrize("command", ["segment", "evaluate"])
+def test_the_post_processing_switches_default_to_the_engine_and_can_be_turned_either_way(command):
+    base = [command, "ct.nii.gz"] if command == "segment" else [command, "--data", "d"]
+    default = _parse(base)
+    assert default.largest_component is None and default.refine_all is None, "None: the engine's default (Segmenter)"
+    on = _parse(base + ["--largest-component", "--refine-all"])
+    off = _parse(base + ["--no-largest-component", "--no-refine-all"])
+    assert (on.largest_component, on.refine_all, off.largest_component, off.refine_all) == (True, True, False, False)

@@ -150,6 +150,25 @@ def test_largest_component_keeps_one_blob_per_organ():
     keep_largest_components(labels)
     assert (labels == 5).sum() == 27 and (labels == 2).sum() == 1, "only the smaller liver blob is removed"
 
+    pieces = np.zeros((10, 10, 10), np.uint8)
+    pieces[1:4, 1:4, 1:4] = 8
+    pieces[7:9, 7:9, 7:9] = 8
+    pieces[5, 0:3, 0:3] = 5
+    pieces[5, 8, 0] = 5
+    keep_largest_components(pieces, [5])
+    assert (pieces == 8).sum() == 35 and (pieces == 5).sum() == 9, "only the chosen values are reduced to their largest piece"
+
+
+def test_the_default_keeps_the_largest_component_of_every_organ_but_the_pancreas(tiny_checkpoint):
+    names = lambda seg: [seg.info.class_names[i] for i in seg.largest_component_classes]  # noqa: E731
+    default = Segmenter(str(tiny_checkpoint), device="cpu", fast=True)
+    assert names(default) == ["spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta"]
+    assert "pancreas" not in names(default), "the pancreas, often found in pieces, keeps them"
+    assert len(names(Segmenter(str(tiny_checkpoint), device="cpu", fast=True, largest_component=True))) == 8
+    assert names(Segmenter(str(tiny_checkpoint), device="cpu", fast=True, largest_component=False)) == []
+    report = default.segment(make_ct()).report
+    assert report["largest_component"] == names(default), "the report says which organs were reduced"
+
 
 def test_progress_reports_both_passes(tiny_checkpoint):
     seen = []

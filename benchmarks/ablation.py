@@ -71,7 +71,7 @@ def main() -> None:
     results, timings = [], {}
     for name, model, bank, options in runs:
         t0 = time.perf_counter()
-        seg = Segmenter(model, device="cpu", bank=bank, **{"refine_all": False, **options})  # FINE alone
+        seg = Segmenter(model, device="cpu", bank=bank, **{"refine_all": False, "largest_component": False, **options})  # FINE alone
         results.append(evaluate(seg, args.data, name=name, progress=False))
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"{name}: mean Dice {results[-1].mean('dice'):.4f} ({timings[name]} s)", flush=True)

@@ -197,7 +197,7 @@ def worker(job: dict) -> dict:
     tokens = job["kind"] != "fine-notokens"
     model = build_model(job["config"], window_tokens=tokens, volume_tokens=tokens)
     info = ModelInfo(config=model.config, preprocessing=Preprocessing(target_spacing=tuple(job["target_spacing"])))
-    seg = Segmenter((model, info), device=job["device"], bank=job.get("bank", "stateless"), fast=job["fast"], refine_all=False)
+    seg = Segmenter((model, info), device=job["device"], bank=job.get("bank", "stateless"), fast=job["fast"], refine_all=False, largest_component=False)
     net = {"s": 0.0, "calls": 0}
     geometry = Geometry(spacing=SPACING_XYZ)
 

@@ -7,7 +7,7 @@ kidney. Held-out synthetic anatomy (a dataset whose root holds ``synth_info.json
 {case_id: {"phase": ..., "fov": ..., ...}}) is also split by contrast phase and by field of
 view. Every model runs as ``fine-seg segment`` runs it by default (what Segment in Slicer
 runs: FINE, then refine-all), or as FINE alone with ``--fine-alone``; each ``--variant NAME=OPTIONS`` adds a run with options (comma-separated: fast, tta,
-largest-component, stateless, accumulate, refine-all, no-refine-all), for every model or those of
+largest-component, no-largest-component, stateless, accumulate, refine-all, no-refine-all), for every model or those of
 ``--variant-models``. Writes real_ct.json and real_ct.md into ``--out``, atomically.
 
     python benchmarks/real_ct.py --model old=fine-tiny-phantom --model new=runs/x/model.pt \\
@@ -42,7 +42,7 @@ from FINESegmentationLib.io import write_text_atomically  # noqa: E402
 from FINESegmentationLib.labels import ORGANS  # noqa: E402
 
 DEFAULT_REAL = ROOT.parent / "shared" / "data" / "real-ct" / "ts-example-noncontrast"
-OPTIONS = {"fast": {"fast": True}, "tta": {"tta": True}, "largest-component": {"largest_component": True}, "stateless": {"bank": "stateless"},
+OPTIONS = {"fast": {"fast": True}, "tta": {"tta": True}, "largest-component": {"largest_component": True}, "no-largest-component": {"largest_component": False}, "stateless": {"bank": "stateless"},
            "accumulate": {"bank": "accumulate"}, "refine-all": {"refine_all": True},
            "no-refine-all": {"refine_all": False}}
 GROUPINGS = ("phase", "fov")
@@ -201,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"real_ct.py: error: --variant-models names no model {', '.join(unknown)}.", file=sys.stderr)
         return 2
-    base = {"refine_all": False} if args.fine_alone else {}
+    base = {"refine_all": False, "largest_component": False} if args.fine_alone else {}
     runs = [(name, model, "default", base) for name, model in args.model]
     runs += [(name, model, vname, {**base, **options}) for vname, options in args.variant for name, model in args.model
              if args.variant_models is None or name in args.variant_models]
@@ -220,10 +220,10 @@ def _run(args: argparse.Namespace) -> int:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
     md = ["# FINE models on real CT, held-out synthetic anatomy and the old phantoms", "",
           "Models: " + "; ".join(f"{n} = {m['model']} (sha256 {str(m['sha256'])[:12]})" for n, m in models.items()) + ".",
-          ("Each runs as FINE alone (`fine-seg segment --no-refine-all`: stateless bank, overlap 0.5, no TTA, no "
-           "largest-component filter)" if args.fine_alone else
-           "Each runs with the default `fine-seg segment` settings (stateless bank, overlap 0.5, no TTA, no "
-           "largest-component filter, then refine-all: what Segment in Slicer runs)")
+          ("Each runs as FINE alone (`fine-seg segment --no-largest-component --no-refine-all`: stateless bank, "
+           "overlap 0.5, no TTA)" if args.fine_alone else
+           "Each runs with the default `fine-seg segment` settings (stateless bank, overlap 0.5, no TTA, the largest "
+           "component of every organ but the pancreas, then refine-all: what Segment in Slicer runs)")
           + "".join(f"; `{v}` adds {', '.join(f'{k}={o}' for k, o in opts.items())}" for v, opts in args.variant) + ".",
           f"Machine: {machine}.", ""]
     report: dict = {"machine": machine, "models": models, "variants": dict(args.variant), "timings_s": timings, "datasets": {}}

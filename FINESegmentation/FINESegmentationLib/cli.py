@@ -162,6 +162,12 @@ class _SliceBar:
             self.bar.close()
 
 
+def _largest_component_switch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only each organ's largest connected component: every organ (default: every organ but the "
+                   "pancreas, which is often found in pieces); --no-largest-component: keep every component")
+
+
 def _refine_all_switch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-all", action=argparse.BooleanOptionalAction, default=None,
                    help="after FINE, redraw every organ slice by slice with LiteMedSAM from its own boxes (the default, "
@@ -373,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="FINE alone (no refine-all unless --refine-all is given) with less crop "
                    "overlap (0.25 instead of 0.5): about 2-3x fewer crops")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average each crop over +-10 degree in-plane rotations and 0.9/1.1 scalings (5x slower)")
-    p.add_argument("--largest-component", action="store_true", help="keep only each organ's largest connected component")
+    _largest_component_switch(p)
     _refine_all_switch(p)
     p.add_argument("--format", choices=["seg.nrrd", "nii.gz"], default="seg.nrrd", help="Slicer segmentation (default) or NIfTI label map")
     p.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (<name>_probabilities.nii.gz)")
@@ -470,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="row name in the table")
     p.add_argument("--csv", help="write per-case and mean metrics as CSV")
     p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("--largest-component", action="store_true", help="keep only each organ's largest connected component")
+    _largest_component_switch(p)
     p.add_argument("--tta", action="store_true", help="test-time augmentation, as in segment (5x slower)")
     p.set_defaults(func=_cmd_evaluate)
 

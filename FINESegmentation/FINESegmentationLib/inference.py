@@ -232,6 +232,8 @@ class Segmenter:
     ``bank``: ``accumulate`` (two passes, whole-volume context) or ``stateless``.
     ``fast``: less crop overlap (0.25 instead of 0.5). ``tta``: average each crop's prediction over
     ``TTA_VARIANTS`` (small in-plane rotations and scalings, undone on the probabilities).
+    ``largest_component``: keep each organ's largest connected component before refine-all; ``None`` (the
+    default): every organ but the pancreas (``NO_LARGEST_COMPONENT``), ``True``: every organ, ``False``: none.
     ``refine_all``: redraw every organ FINE found with LiteMedSAM, slice by slice from its own boxes
     (:func:`~.refiner.litemedsam.refine_all.refine_all`); the probabilities stay FINE's. ``None`` (the
     default): on, unless ``fast`` (then FINE alone: the fast mode keeps FINE's CPU time).
@@ -244,7 +246,7 @@ class Segmenter:
         bank: str = "stateless",
         fast: bool = False,
         tta: bool = False,
-        largest_component: bool = False,
+        largest_component: bool | None = None,
         sw_batch_size: int | None = None,
         overlap: float | None = None,
         refine_all: bool | None = None,
@@ -266,7 +268,13 @@ class Segmenter:
         self.bank_mode = bank if self.info.config.volume_tokens else "stateless"
         self.fast = fast
         self.tta = tta
-        self.largest_component = largest_component
+        # None (default): every organ but those in NO_LARGEST_COMPONENT; True: every organ; False: none.
+        names = list(self.info.class_names)
+        if largest_component is None:
+            self.largest_component_classes = [i for i, n in enumerate(names) if i and n not in NO_LARGEST_COMPONENT]
+        else:
+            self.largest_component_classes = list(range(1, len(names))) if largest_component else []
+        self.largest_component = bool(self.largest_component_classes)
         self.overlap = overlap if overlap is not None else (0.25 if fast else 0.5)
         self.sw_batch_size = sw_batch_size or (4 if self.device.type == "cuda" else 1)
         self.stitch_device = self.device
@@ -291,8 +299,8 @@ class Segmenter:
         probs = self._run_with_fallbacks(prepared, times, progress, cancel, fallbacks)
         t0 = time.perf_counter()
         labels = probs.argmax(0).astype(np.uint8)
-        if self.largest_component:
-            keep_largest_components(labels)
+        if self.largest_component_classes:
+            keep_largest_components(labels, self.largest_component_classes)
         result_labels = labels_to_input_grid(labels, prepared, volume)
         result_probs = probabilities_to_input_grid(probs, prepared, volume) if probabilities else None
         times["postprocess"] = time.perf_counter() - t0
@@ -413,6 +421,7 @@ class Segmenter:
             "bank": self.bank_mode,
             "fast": self.fast,
             "tta": self.tta,
+            "largest_component": [self.info.class_names[i] for i in self.largest_component_classes],
             "overlap": self.overlap,
             "sw_batch_size": self.sw_batch_size,
             "input_shape_zyx": list(volume.shape),
@@ -434,11 +443,19 @@ class Segmenter:
         return report
 
 
-def keep_largest_components(labels: np.ndarray) -> None:
-    """In place: keep each organ's largest 26-connected component, set the rest to background."""
+# Organs whose largest connected component is not kept by default: the pancreas, thin and often found in
+# pieces, kept the wrong piece on the real CT (README, "The default model").
+NO_LARGEST_COMPONENT = ("pancreas",)
+
+
+def keep_largest_components(labels: np.ndarray, values: Any = None) -> None:
+    """In place: keep each organ's largest 26-connected component, set the rest to background.
+
+    ``values``: the label values to treat (default: every non-zero value)."""
     structure = np.ones((3, 3, 3), bool)
+    chosen = None if values is None else {int(v) for v in values}
     for value in np.unique(labels):
-        if value == 0:
+        if value == 0 or (chosen is not None and int(value) not in chosen):
             continue
         mask = labels == value
         components, n = ndimage.label(mask, structure)
