@@ -181,6 +181,62 @@ def test_refine_all_keeps_an_organs_outline_where_the_answer_left_it_for_another
         refine_all(predictor, volume, labels, min_cover=1.5)
 
 
+def test_refined_slices_on_thin_slices_are_at_most_the_step_apart_and_take_in_every_organs_ends():
+    from FINESegmentationLib.refiner.litemedsam.refine_all import refined_slices
+
+    source = np.zeros((20, 4, 4), np.uint8)
+    source[2:18, 0, 0] = 5  # an organ on slices 2..17
+    source[7:12, 1, 1] = 4  # another on 7..11
+    todo = list(range(2, 18))
+    chosen = refined_slices(todo, source, 0.6, 3.0)  # 0.6 mm slices, 3 mm apart: every fifth
+    assert chosen == [2, 7, 11, 12, 17], chosen
+    assert max(b - a for a, b in zip(chosen, chosen[1:])) * 0.6 <= 3.0 + 1e-9, "refined slices at most 3 mm apart"
+    assert refined_slices(todo, source, 3.0, 3.0) == todo, "slices as thick as the step: every slice"
+    assert refined_slices(todo, source, 0.6, 0.0) == todo, "step 0: every slice"
+    gap = [2, 3, 4, 9, 10, 11, 12, 13]  # slices 5..8 have no organ
+    assert {4, 9} <= set(refined_slices(gap, source, 0.6, 3.0)), "slices on either side of a gap are refined"
+
+
+def test_refine_all_on_thin_slices_interpolates_the_answers_between_the_slices_it_embeds(monkeypatch):
+    import torch
+
+    predictor = SlicePredictor("litemedsam", cache_slices=1)
+    volume = Volume(np.zeros((10, 64, 64), np.float32), Geometry(spacing=(1.0, 1.0, 1.0)))
+    predictor.set_volume(volume)
+    yy, xx = np.mgrid[:64, :64]
+    assert predictor.frame.shape == (10, 64, 64)
+    asked = []
+
+    def answer(k, box=None, **kw):
+        asked.append(k)
+        if box[0] < 16:  # the small organ's box: an answer a little larger than its outline
+            logits = np.where((yy < 8) & (xx < 8), 5.0, -5.0)
+        else:  # the large organ: a square whose half-width grows by 2 pixels per slice, as a signed distance
+            logits = (4 + 2 * k) - np.maximum(np.abs(yy - 32), np.abs(xx - 32)) + 0.5
+        return torch.from_numpy(logits.astype(np.float32)), torch.zeros(1, 1, 256, 256), 0.9
+
+    monkeypatch.setattr(predictor, "slice_logits", answer)
+    fine = (np.abs(yy - 32) <= 6) & (np.abs(xx - 32) <= 6)  # FINE's large organ: the same square on every slice
+    labels = np.stack([fine] * 10).astype(np.uint8) * 5
+    small = np.zeros((64, 64), bool)
+    small[2:6, 2:6] = True
+    labels[[0, 1, 5, 6]] += small.astype(np.uint8) * 4  # the small organ: slices 0-1 and 5-6
+    result = refine_all(predictor, volume, Volume(labels, volume.geometry), slice_step_mm=3.0)
+    assert sorted(set(asked)) == [0, 3, 6, 9], "slices 3 mm apart (and every organ's ends) are embedded, no others"
+    assert result.report["embedded"] == 4 and result.report["slices"] == 10 and result.report["interpolated"] > 0
+    # Slice 4 lies between the refined slices 3 (half-width 10) and 6 (16): the interpolated answer reaches 12.
+    width = int((result.labels.array[4, 32] == 5).sum())
+    assert width == 2 * 12 + 1, f"slice 4 takes the answers interpolated along z (width {width}, 25 expected)"
+    every = refine_all(predictor, volume, Volume(labels, volume.geometry), slice_step_mm=0.0)
+    assert every.report["embedded"] == 10 and int((every.labels.array[4, 32] == 5).sum()) == 2 * 12 + 1
+    small_answer = (yy < 8) & (xx < 8)
+    assert np.array_equal(result.labels.array[0] == 4, small_answer), "a refined slice takes the small organ's answer"
+    for k in (1, 5):  # between a refined slice with the small organ and one without it: its outline stays
+        assert np.array_equal(result.labels.array[k] == 4, small), f"slice {k} keeps the small organ's input outline"
+    with pytest.raises(InputError, match="slice_step_mm must be 0"):
+        refine_all(predictor, volume, Volume(labels, volume.geometry), slice_step_mm=-1.0)
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
@@ -294,3 +350,15 @@ def test_segment_refine_all_switch_redraws_fines_organs_on_the_input_grid(tmp_pa
         assert rc == 0, capsys.readouterr().err
         assert (json.loads(report.read_text())["refine_all"] is not None) == runs, \
             f"refine-all runs by default and is skipped by --fast or --no-refine-all ({flags}: {'on' if runs else 'off'})"
+
+    for step, expected in ((None, 3.0), ("0", 0.0), ("5", 5.0)):
+        rc = main(["segment", "-q", "--device", "cpu", "--fast", "--refine-all", "--model", str(tiny_checkpoint), str(source),
+                   "-o", str(out), "--report", str(report), *(["--refine-step", step] if step else [])])
+        assert rc == 0, capsys.readouterr().err
+        assert json.loads(report.read_text())["refine_all"]["slice_step_mm"] == expected, f"--refine-step {step} reaches refine-all"
+    before = out.read_bytes()
+    capsys.readouterr()
+    rc = main(["segment", "-q", "--device", "cpu", "--model", str(tiny_checkpoint), "--refine-step", "-2", str(source), "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "slice step must be 0" in err and len(err.splitlines()) == 1, err
+    assert out.read_bytes() == before, "a refused step leaves the earlier output as it was"

@@ -172,6 +172,9 @@ def _refine_all_switch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-all", action=argparse.BooleanOptionalAction, default=None,
                    help="after FINE, redraw every organ slice by slice with LiteMedSAM from its own boxes (the default, "
                    "off with --fast; about 1-2 s per slice with organs on a CPU, see README); --no-refine-all: FINE alone")
+    p.add_argument("--refine-step", type=float, default=None, metavar="MM",
+                   help="refine-all on slices thinner than this embeds slices at most MM apart and interpolates the "
+                   "answers in between (default 3 mm; 0: every slice)")
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -185,7 +188,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     extension = ".seg.nrrd" if args.format == "seg.nrrd" else ".nii.gz"
     outputs = _output_paths(cases, args.output, extension)
     segmenter = Segmenter(model=args.model, device=args.device, bank=args.bank, fast=args.fast, tta=args.tta,
-                          largest_component=args.largest_component, sw_batch_size=args.sw_batch_size, refine_all=args.refine_all)
+                          largest_component=args.largest_component, sw_batch_size=args.sw_batch_size, refine_all=args.refine_all,
+                          refine_step_mm=args.refine_step)
     reports, failures = [], 0
     for case, target in zip(cases, outputs):
         probs = target.with_name(case_name(target) + "_probabilities.nii.gz") if args.probabilities else None
@@ -206,7 +210,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         reports.append(result.report)
         t = result.report["timings_s"]
         refined = result.report.get("refine_all")
-        refined = f", refine-all {refined['slices']} slices in {refined['total_s']:.1f} s" if refined else ""
+        refined = (f", refine-all {refined['slices']} slices ({refined['embedded']} embedded) in {refined['total_s']:.1f} s"
+                   if refined else "")
         print(f"{case} -> {target}  ({t['total']:.1f} s on {result.report['device']}, {result.report['bank']} bank, "
               f"{result.report['crops_per_pass']} crops x {result.report['passes']} pass(es){refined})")
     if args.report:
@@ -308,7 +313,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .io import write_text_atomically
 
     segmenter = Segmenter(model=args.model, device=args.device, bank=args.bank, fast=args.fast,
-                          largest_component=args.largest_component, tta=args.tta, refine_all=args.refine_all)
+                          largest_component=args.largest_component, tta=args.tta, refine_all=args.refine_all,
+                          refine_step_mm=args.refine_step)
     result = evaluate(segmenter, args.data, args.cases, args.label_map, name=args.name, progress=not args.quiet)
     print(markdown_table([result]))
     if result.swaps():
@@ -334,7 +340,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     made = time.perf_counter() - t0
     image_path = write_volume(case.image, out / "phantom_ct.nii.gz")
     write_segmentation(case.label, out / "phantom_reference.seg.nrrd")
-    segmenter = Segmenter(model=args.model, device=args.device, refine_all=args.refine_all)
+    segmenter = Segmenter(model=args.model, device=args.device, refine_all=args.refine_all, refine_step_mm=args.refine_step)
     bar = _ProgressBar("demo", True)
     refine_bar = _SliceBar("demo refine-all", segmenter.refine_all)
     try:

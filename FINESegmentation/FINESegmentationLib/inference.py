@@ -250,6 +250,7 @@ class Segmenter:
         sw_batch_size: int | None = None,
         overlap: float | None = None,
         refine_all: bool | None = None,
+        refine_step_mm: float | None = None,
     ) -> None:
         if bank not in BANK_MODES:
             raise InputError(f"Unknown bank mode '{bank}'; use one of: {', '.join(BANK_MODES)}.")
@@ -280,6 +281,12 @@ class Segmenter:
         self.stitch_device = self.device
         self.autocast_dtype = _autocast_dtype(self.device)
         self.refine_all = (not fast) if refine_all is None else bool(refine_all)
+        from .refiner.litemedsam.refine_all import DEFAULT_SLICE_STEP_MM
+
+        step = DEFAULT_SLICE_STEP_MM if refine_step_mm is None else float(refine_step_mm)
+        if not (np.isfinite(step) and step >= 0):
+            raise InputError(f"The refine-all slice step must be 0 (every slice) or a positive number of millimetres (got {refine_step_mm}).")
+        self.refine_step_mm = step
         self._slice_predictor = None  # LiteMedSAM, loaded on the first refine-all
 
     @property
@@ -313,7 +320,8 @@ class Segmenter:
             if self._slice_predictor is None:
                 # Boxes only: the published weights (their box-only Dice on the real CT is the higher one, README).
                 self._slice_predictor = SlicePredictor("litemedsam", device=self.device)
-            refined = refine_all(self._slice_predictor, volume, result_labels, progress=refine_progress, cancel=cancel)
+            refined = refine_all(self._slice_predictor, volume, result_labels, slice_step_mm=self.refine_step_mm,
+                                 progress=refine_progress, cancel=cancel)
             result_labels = refined.labels
             times["refine_all"] = time.perf_counter() - t0
         report = self._report(volume, prepared, times, fallbacks, result_labels)
