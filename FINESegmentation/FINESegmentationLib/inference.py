@@ -44,7 +44,7 @@ from .errors import CancelledError, CheckpointError, DeviceError, InputError
 from .io import IMAGE_WRITE_EXTENSIONS, check_output_path, read_volume, write_probabilities, write_segmentation
 from .labels import ORGAN_BY_NAME
 from .model import FINE, VolumeTokenState
-from .preprocessing import PreparedVolume, labels_to_input_grid, prepare, probabilities_to_input_grid
+from .preprocessing import PreparedVolume, argmax_on_input_grid, labels_to_input_grid, prepare, probabilities_to_input_grid
 from .volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -251,6 +251,7 @@ class Segmenter:
         overlap: float | None = None,
         refine_all: bool | None = None,
         refine_step_mm: float | None = None,
+        smooth_labels: bool = True,
     ) -> None:
         if bank not in BANK_MODES:
             raise InputError(f"Unknown bank mode '{bank}'; use one of: {', '.join(BANK_MODES)}.")
@@ -281,6 +282,9 @@ class Segmenter:
         self.stitch_device = self.device
         self.autocast_dtype = _autocast_dtype(self.device)
         self.refine_all = (not fast) if refine_all is None else bool(refine_all)
+        # Labels on the input grid: argmax of the linearly resampled probabilities (True) or the prepared grid's
+        # labels resampled nearest-neighbour (False, the blocks of the model's grid).
+        self.smooth_labels = bool(smooth_labels)
         from .refiner.litemedsam.refine_all import DEFAULT_SLICE_STEP_MM
 
         step = DEFAULT_SLICE_STEP_MM if refine_step_mm is None else float(refine_step_mm)
@@ -305,11 +309,18 @@ class Segmenter:
         fallbacks: list[str] = []
         probs = self._run_with_fallbacks(prepared, times, progress, cancel, fallbacks)
         t0 = time.perf_counter()
+        result_probs = probabilities_to_input_grid(probs, prepared, volume) if probabilities else None
         labels = probs.argmax(0).astype(np.uint8)
         if self.largest_component_classes:
+            before = labels.copy()
             keep_largest_components(labels, self.largest_component_classes)
-        result_labels = labels_to_input_grid(labels, prepared, volume)
-        result_probs = probabilities_to_input_grid(probs, prepared, volume) if probabilities else None
+            removed = before != labels  # the pieces dropped become background on the input grid too
+            probs[:, removed] = 0.0
+            probs[0, removed] = 1.0
+        if self.smooth_labels:
+            result_labels = argmax_on_input_grid(probs, prepared, volume)
+        else:
+            result_labels = labels_to_input_grid(labels, prepared, volume)
         times["postprocess"] = time.perf_counter() - t0
         refined = None
         if self.refine_all:

@@ -98,6 +98,65 @@ def labels_to_input_grid(labels: np.ndarray, prepared: PreparedVolume, reference
     return Volume(sitk.GetArrayFromImage(out), reference.geometry)
 
 
+def argmax_on_input_grid(probabilities: np.ndarray, prepared: PreparedVolume, reference: Volume) -> Volume:
+    """The label map on the input's grid from per-class probabilities [C, z, y, x] (class 0 background) on the
+    prepared grid, each class resampled linearly and the argmax taken there (as nnU-Net exports): outlines at the
+    input's resolution instead of the prepared grid's blocks. Outside the prepared grid, background (as
+    nearest-neighbour resampling gives).
+
+    Only where a class can win is it resampled: the interpolated probabilities still sum to 1, so a class wins
+    only where it reaches 1/C, hence within one prepared voxel of where it reaches 1/C on the prepared grid.
+    Background is resampled over the box around every organ's such region, each organ over its own box."""
+    n = probabilities.shape[0]
+    labels = np.zeros(reference.shape, np.uint8)
+    can_win = probabilities[1:] >= 1.0 / n
+    if not can_win.any():
+        return Volume(labels, reference.geometry)
+    grid = _reference_grid(reference, sitk.sitkFloat32)
+
+    def input_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+        """The input-grid index box (z, y, x slices) within one prepared voxel of ``mask`` (prepared grid)."""
+        where = np.nonzero(mask)
+        if not where[0].size:
+            return None
+        lo = [int(w.min()) - 1 for w in where]  # (z, y, x) prepared indices
+        hi = [int(w.max()) + 1 for w in where]
+        corners = [(x, y, z) for z in (lo[0], hi[0]) for y in (lo[1], hi[1]) for x in (lo[2], hi[2])]
+        points = [prepared.grid.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner]) for corner in corners]
+        index = np.array([grid.TransformPhysicalPointToContinuousIndex(p) for p in points])  # (x, y, z) input
+        start = np.maximum(np.floor(index.min(0)).astype(int), 0)
+        stop = np.minimum(np.ceil(index.max(0)).astype(int) + 1, np.array(reference.shape[::-1]))
+        if (stop <= start).any():
+            return None
+        return tuple(slice(int(a), int(b)) for a, b in zip(start[::-1], stop[::-1]))
+
+    def resample(c: int, box: tuple[slice, ...]) -> np.ndarray:
+        sub = sitk.Image([b.stop - b.start for b in box[::-1]], sitk.sitkFloat32)
+        sub.SetSpacing(grid.GetSpacing())
+        sub.SetDirection(grid.GetDirection())
+        sub.SetOrigin(grid.TransformIndexToPhysicalPoint([b.start for b in box[::-1]]))
+        image = _on_prepared_grid(np.ascontiguousarray(probabilities[c], dtype=np.float32), prepared)
+        return sitk.GetArrayFromImage(sitk.Resample(image, sub, sitk.Transform(), sitk.sitkLinear, 1.0 if c == 0 else 0.0, sitk.sitkFloat32))
+
+    union = input_box(can_win.any(0))
+    if union is None:
+        return Volume(labels, reference.geometry)
+    best = resample(0, union)
+    region = labels[union]  # a view: the organs are written into labels through it
+    for c in range(1, n):
+        box = input_box(can_win[c - 1])
+        if box is None:
+            continue
+        box = tuple(slice(max(b.start, u.start), min(b.stop, u.stop)) for b, u in zip(box, union))
+        inner = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))
+        values = resample(c, box)
+        held = best[inner]
+        better = values > held
+        np.copyto(held, values, where=better)
+        region[inner][better] = c
+    return Volume(labels, reference.geometry)
+
+
 def scalar_to_input_grid(array: np.ndarray, prepared: PreparedVolume, reference: Volume) -> np.ndarray:
     """Linear resampling of one float map [z, y, x] on the prepared grid onto the input's grid.
 
