@@ -229,6 +229,41 @@ def test_cli_one_click_creates_an_organ_missing_from_the_segmentation(tmp_path, 
     assert np.array_equal(after[kept], others[kept]), "the other segments are kept where the kidney did not go"
 
 
+def test_cli_auto_sends_clicks_on_a_found_organ_to_the_3d_refiner_and_a_far_click_or_a_missing_organ_to_litemedsam(tmp_path, capsys):
+    """--refiner auto (the default): clicks on a segment FINE found go to the Memorizing-SAM refiner (ahead after
+    five clicks from the default segmentation, README); an empty segment, a positive click more than 20 mm
+    outside the segment's box, or a box go to LiteMedSAM, the refiner that draws an organ afresh."""
+    import argparse
+
+    from FINESegmentationLib.cli_refine import _choose_refiner
+
+    ct = read_volume(REAL / "ct.nii.gz")
+    labels = read_volume(REAL / "labels.nii.gz", kind="label")
+    kidney = labels.array == ORGAN_BY_NAME["left kidney"].label
+    inside = deepest_click(np.zeros_like(kidney), kidney, ct.geometry.spacing).position  # (z, y, x)
+    to_ras = lambda zyx: (ct.geometry.ijk_to_ras() @ np.array([zyx[2], zyx[1], zyx[0], 1.0]))[:3]  # noqa: E731
+    near, far = np.array([to_ras(inside)]), np.array([to_ras((inside[0], inside[1], 2))])  # far: the CT's other side
+    assert abs(far[0, 0] - near[0, 0]) > 60
+    args = argparse.Namespace(refiner="auto", model=None, box=None, points="p.mrk.json", seg="s.seg.nrrd")
+    assert _choose_refiner(args, kidney, ct, near, np.array([True])) == "memorizing-sam", "a click on a found organ"
+    assert _choose_refiner(args, kidney, ct, near, np.array([False])) == "memorizing-sam", "a negative click on it"
+    assert _choose_refiner(args, np.zeros_like(kidney), ct, near, np.array([True])) == "litemedsam", "an empty segment"
+    assert _choose_refiner(args, kidney, ct, far, np.array([True])) == "litemedsam", "a positive click far from the segment"
+    assert _choose_refiner(args, kidney, ct, far, np.array([False])) == "memorizing-sam", "a far negative click only removes"
+    boxed = argparse.Namespace(**{**vars(args), "box": "b.mrk.json"})
+    assert _choose_refiner(boxed, kidney, ct, near, np.array([True])) == "litemedsam", "a box"
+    chosen = argparse.Namespace(**{**vars(args), "refiner": "litemedsam"})
+    assert _choose_refiner(chosen, kidney, ct, near, np.array([True])) == "litemedsam", "--refiner is obeyed"
+
+    seg = write_segmentation(labels, tmp_path / "ct.seg.nrrd")
+    out = tmp_path / "refined.seg.nrrd"
+    rc = main(["refine", str(REAL / "ct.nii.gz"), "--seg", str(seg), "--segment", "left kidney",
+               "--points", str(_points_file(tmp_path / "click.mrk.json", near, [True])), "-o", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "by Memorizing-SAM with 1 click(s)" in captured.out, captured.out
+
+
 def _stub_answers(monkeypatch, predictor, answer_mask):
     """predict_slice answers ``answer_mask`` on every slice (predicted IoU 0.9), without the network."""
     from FINESegmentationLib.refiner.litemedsam.predictor import SliceAnswer

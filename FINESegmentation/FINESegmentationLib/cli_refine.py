@@ -41,10 +41,31 @@ def _labels_on_ct(args: argparse.Namespace, volume):
     return labels
 
 
-def _choose_refiner(args: argparse.Namespace) -> str:
-    """``--refiner``, or for ``auto``: the kind of a registered ``--model``, else LiteMedSAM (click-tuned weights
-    when registered); without them, clicks alone go to the Memorizing-SAM refiner (the published LiteMedSAM
-    decoder is trained on boxes only)."""
+# A positive click farther than this outside an existing segment's box is on an organ FINE put elsewhere.
+AUTO_REACH_MM = 20.0
+
+
+def _clicks_near(segment: np.ndarray, volume, points, positive) -> bool:
+    """Whether every positive click lies within AUTO_REACH_MM of the segment's bounding box (voxel grid)."""
+    import numpy as np
+
+    where = np.nonzero(segment)
+    lo = np.array([w.min() for w in where], float)  # (z, y, x)
+    hi = np.array([w.max() for w in where], float)
+    reach = AUTO_REACH_MM / np.asarray(volume.geometry.spacing, float)[::-1]
+    for point in np.asarray(points)[np.asarray(positive, bool)]:
+        zyx = np.asarray(volume.geometry.ras_to_ijk(point), float)[::-1]
+        if ((zyx < lo - reach) | (zyx > hi + reach)).any():
+            return False
+    return True
+
+
+def _choose_refiner(args: argparse.Namespace, segment: np.ndarray | None = None, volume=None, points=None, positive=None) -> str:
+    """``--refiner``, or for ``auto``: the kind of a registered ``--model``; a box, an empty segment or a positive
+    click far (AUTO_REACH_MM) outside the segment: LiteMedSAM (click-tuned weights when registered), the one
+    refiner that draws an organ afresh; clicks alone on a segment FINE found: the Memorizing-SAM refiner, ahead
+    after five clicks from the default segmentation on the real CT and the synthetic volumes (README, "Which
+    refiner, when")."""
     from .checkpoints import read_registry
     from .errors import InputError
 
@@ -60,6 +81,8 @@ def _choose_refiner(args: argparse.Namespace) -> str:
             from .refiner.litemedsam.click_weights import slice_weights
 
             choice = "litemedsam" if slice_weights(args.model)[1] else "memorizing-sam"
+        elif segment is not None and segment.any() and args.points and _clicks_near(segment, volume, points, positive):
+            choice = "memorizing-sam"
         else:
             choice = "litemedsam" if read_registry(kind="refiner-2d-clicks") else "memorizing-sam"
     if choice == "memorizing-sam":
@@ -101,9 +124,9 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     volume = read_volume(args.input)
     labels = _labels_on_ct(args, volume)
     segment = labels.array == organ.label
-    refiner = _choose_refiner(args)
     box = read_markups_box(args.box) if args.box else None
     points, positive = read_markups_points(args.points) if args.points else (np.zeros((0, 3)), np.zeros(0, bool))
+    refiner = _choose_refiner(args, segment, volume, points, positive)
     counts = f"{int(positive.sum())} positive, {int((~positive).sum())} negative"
     if refiner == "memorizing-sam":
         if not segment.any():
@@ -208,12 +231,13 @@ def add_refiner_commands(sub: argparse._SubParsersAction) -> None:
                    "or spanning the slices to segment) or a line across the organ on one slice (LiteMedSAM)")
     p.add_argument("--points", metavar="POINTS.mrk.json", help="Slicer markups file with the clicks: a point is "
                    "negative (remove) when its label starts with '-' or its description is 'negative', else positive (add). "
-                   "With LiteMedSAM's click-tuned weights (the default) a positive click alone segments its slice and propagates; "
+                   "With LiteMedSAM's click-tuned weights (the default weights) a positive click alone segments its slice and propagates; "
                    "the published weights are trained on boxes only")
     p.add_argument("-o", "--output", required=True, help="refined segmentation (.seg.nrrd, or a label map); other segments are kept")
     p.add_argument("--refiner", choices=REFINERS, default="auto", help="litemedsam (2-D, slice by slice: boxes and clicks), "
-                   "memorizing-sam (3-D, clicks on an existing segment) or auto (default): litemedsam, or memorizing-sam for clicks alone "
-                   "when no click-tuned LiteMedSAM weights are registered")
+                   "memorizing-sam (3-D, clicks on an existing segment) or auto (default): memorizing-sam for clicks on a segment FINE "
+                   "found (ahead after five clicks, README), litemedsam for a box, an empty segment or a positive click more than 20 mm "
+                   "outside the segment")
     p.add_argument("--model", default=None, help="registered refiner name or weights file of the chosen refiner (default: the bundled one; "
                    "LiteMedSAM: litemedsam-clicks, or litemedsam for the published box-only weights)")
     p.add_argument("--memory", default=None, help="registered memory name or memory file (Memorizing-SAM default: the refiner's "
