@@ -192,6 +192,7 @@ def test_labels_on_a_finer_input_grid_are_the_argmax_of_the_resampled_probabilit
     boxed = argmax_on_input_grid(many, prepared, fine).array
     assert set(np.unique(boxed)) == {0, 1, 2, 3}
     assert np.array_equal(boxed, every)
+    assert np.array_equal(argmax_on_input_grid(many, prepared, fine, chunk_slices=7).array, every), "slabs of 7 slices"
 
 
 def test_largest_component_keeps_one_blob_per_organ():

@@ -98,7 +98,7 @@ def labels_to_input_grid(labels: np.ndarray, prepared: PreparedVolume, reference
     return Volume(sitk.GetArrayFromImage(out), reference.geometry)
 
 
-def argmax_on_input_grid(probabilities: np.ndarray, prepared: PreparedVolume, reference: Volume) -> Volume:
+def argmax_on_input_grid(probabilities: np.ndarray, prepared: PreparedVolume, reference: Volume, chunk_slices: int = 32) -> Volume:
     """The label map on the input's grid from per-class probabilities [C, z, y, x] (class 0 background) on the
     prepared grid, each class resampled linearly and the argmax taken there (as nnU-Net exports): outlines at the
     input's resolution instead of the prepared grid's blocks. Outside the prepared grid, background (as
@@ -106,7 +106,8 @@ def argmax_on_input_grid(probabilities: np.ndarray, prepared: PreparedVolume, re
 
     Only where a class can win is it resampled: the interpolated probabilities still sum to 1, so a class wins
     only where it reaches 1/C, hence within one prepared voxel of where it reaches 1/C on the prepared grid.
-    Background is resampled over the box around every organ's such region, each organ over its own box."""
+    Background is resampled over the box around every organ's such region, each organ over its own box, in
+    slabs of ``chunk_slices`` input slices (memory: a few float slabs besides the result)."""
     n = probabilities.shape[0]
     labels = np.zeros(reference.shape, np.uint8)
     can_win = probabilities[1:] >= 1.0 / n
@@ -141,19 +142,24 @@ def argmax_on_input_grid(probabilities: np.ndarray, prepared: PreparedVolume, re
     union = input_box(can_win.any(0))
     if union is None:
         return Volume(labels, reference.geometry)
-    best = resample(0, union)
-    region = labels[union]  # a view: the organs are written into labels through it
-    for c in range(1, n):
-        box = input_box(can_win[c - 1])
-        if box is None:
-            continue
-        box = tuple(slice(max(b.start, u.start), min(b.stop, u.stop)) for b, u in zip(box, union))
-        inner = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))
-        values = resample(c, box)
-        held = best[inner]
-        better = values > held
-        np.copyto(held, values, where=better)
-        region[inner][better] = c
+    boxes = {c: input_box(can_win[c - 1]) for c in range(1, n)}
+    step = max(1, int(chunk_slices))
+    for z0 in range(union[0].start, union[0].stop, step):
+        slab = (slice(z0, min(z0 + step, union[0].stop)), union[1], union[2])
+        best = resample(0, slab)
+        region = labels[slab]  # a view: the organs are written into labels through it
+        for c, box in boxes.items():
+            if box is None:
+                continue
+            box = tuple(slice(max(b.start, u.start), min(b.stop, u.stop)) for b, u in zip(box, slab))
+            if any(b.stop <= b.start for b in box):
+                continue
+            inner = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, slab))
+            values = resample(c, box)
+            held = best[inner]
+            better = values > held
+            np.copyto(held, values, where=better)
+            region[inner][better] = c
     return Volume(labels, reference.geometry)
 
 
