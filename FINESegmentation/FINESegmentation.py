@@ -124,7 +124,7 @@ class FINESegmentationParameterNode:
     device: str = "auto"
     quality: Annotated[str, Choice(["full", "fast"])] = "full"
     bank: Annotated[str, Choice(["accumulate", "stateless"])] = "stateless"
-    tta: bool = False
+    tta: bool = True
     refineAll: bool = True
     attentionPoint: vtkMRMLMarkupsFiducialNode
     attentionStage: Annotated[str, Choice(ATTENTION_STAGES)] = "encoder0"
@@ -396,7 +396,7 @@ class FINESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._jobNodes = (p.inputVolume, p.outputSegmentation)
         self._job = self.logic.startSegmentation(
-            volume, model=p.model or None, device=p.device, bank=p.bank, fast=p.quality == "fast", tta=p.tta,
+            volume, model=p.model or None, device=p.device, bank=p.bank, fast=p.quality == "fast", tta=p.tta and p.quality != "fast",
             refine_all=p.refineAll and p.quality != "fast",  # fast: FINE alone, as fine-seg segment --fast
         )
         self._jobStarted = time.monotonic()
@@ -729,11 +729,12 @@ class FINESegmentationLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ segmentation (delegated to the engine)
 
     def segment(self, volumeNode, segmentationNode=None, model=None, device="auto", bank="stateless", fast=False,
-                tta=False, refineAll=None, progress=None, cancel: Optional[threading.Event] = None):
+                tta=None, refineAll=None, progress=None, cancel: Optional[threading.Event] = None):
         """Segment a CT volume node; returns the segmentation node (a new one unless ``segmentationNode`` is given).
 
-        ``refineAll``: then redraw every organ slice by slice with LiteMedSAM (None, the default: on unless
-        ``fast``; about 1-2 s per slice on a CPU). ``progress`` receives a ``FINESegmentationLib.inference.Progress`` per crop (or a
+        ``tta``: test-time augmentation (None, the default: on unless ``fast``). ``refineAll``: then redraw
+        every organ slice by slice with LiteMedSAM (None, the default: on unless ``fast``; about 1-2 s per
+        slice on a CPU). ``progress`` receives a ``FINESegmentationLib.inference.Progress`` per crop (or a
         download/loading/refine-all message); setting ``cancel`` stops within one crop (or slice) and
         raises ``CancelledError`` with the scene unchanged.
         """
@@ -741,7 +742,7 @@ class FINESegmentationLogic(ScriptedLoadableModuleLogic):
         return self.core.segment(volumeNode, segmentationNode, model=model, device=device, bank=bank, fast=fast,
                                  tta=tta, refine_all=refineAll, progress=progress, cancel=cancel)
 
-    def segmentFiles(self, inputPaths, outputDir, model=None, device="auto", bank="stateless", fast=False, tta=False,
+    def segmentFiles(self, inputPaths, outputDir, model=None, device="auto", bank="stateless", fast=False, tta=None,
                      refineAll=None, extension=".seg.nrrd", progress=None, cancel: Optional[threading.Event] = None):
         """Segment CT files or DICOM folders into ``outputDir``; one result dict per input (see the engine's docs)."""
         self._requireRequirements()

@@ -351,6 +351,12 @@ def test_segment_refine_all_switch_redraws_fines_organs_on_the_input_grid(tmp_pa
         assert (json.loads(report.read_text())["refine_all"] is not None) == runs, \
             f"refine-all runs by default and is skipped by --fast or --no-refine-all ({flags}: {'on' if runs else 'off'})"
 
+    for flags, tta in (([], True), (["--fast"], False), (["--fast", "--tta"], True), (["--no-tta"], False)):
+        rc = main(["segment", "-q", "--device", "cpu", "--model", str(tiny_checkpoint), "--no-refine-all", *flags, str(source),
+                   "-o", str(out), "--report", str(report)])
+        assert rc == 0, capsys.readouterr().err
+        assert json.loads(report.read_text())["tta"] is tta, f"TTA is on by default and off with --fast or --no-tta ({flags})"
+
     for step, expected in ((None, 3.0), ("0", 0.0), ("5", 5.0)):
         rc = main(["segment", "-q", "--device", "cpu", "--fast", "--refine-all", "--model", str(tiny_checkpoint), str(source),
                    "-o", str(out), "--report", str(report), *(["--refine-step", step] if step else [])])

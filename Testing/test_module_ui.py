@@ -163,6 +163,18 @@ def test_the_refine_all_switch_is_stored_on_by_default_passed_to_the_engine_and_
         "Segment passes the switch to the engine's refine_all, and the fast quality skips it (as fine-seg segment --fast)"
 
 
+def test_the_tta_switch_is_stored_on_by_default_and_the_fast_quality_skips_it():
+    root = ET.parse(UI_FILE).getroot()
+    switch = next((w for w in root.iter("widget") if w.get("name") == "ttaCheckBox"), None)
+    assert switch is not None and switch.findtext("property[@name='SlicerParameterName']/string") == "tta"
+    assert switch.findtext("property[@name='checked']/bool") == "true", "the box is drawn checked"
+    assert "tta: bool = True" in MODULE_FILE.read_text(), "on by default"
+    calls = [n for n in ast.walk(_class(_module_tree(), "FINESegmentationWidget")) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and n.func.attr == "startSegmentation"]
+    assert any(ast.unparse(k.value) == "p.tta and p.quality != 'fast'" for c in calls for k in c.keywords if k.arg == "tta"), \
+        "Segment passes the switch to the engine's tta, and the fast quality skips it (as fine-seg segment --fast)"
+
+
 def test_the_logic_offers_the_documented_console_api():
     logic = _class(_module_tree(), "FINESegmentationLogic")
     methods = {n.name: [a.arg for a in n.args.args + n.args.kwonlyargs] for n in logic.body if isinstance(n, ast.FunctionDef)}

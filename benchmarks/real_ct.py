@@ -42,7 +42,7 @@ from FINESegmentationLib.io import write_text_atomically  # noqa: E402
 from FINESegmentationLib.labels import ORGANS  # noqa: E402
 
 DEFAULT_REAL = ROOT.parent / "shared" / "data" / "real-ct" / "ts-example-noncontrast"
-OPTIONS = {"fast": {"fast": True}, "tta": {"tta": True}, "largest-component": {"largest_component": True}, "no-largest-component": {"largest_component": False}, "stateless": {"bank": "stateless"},
+OPTIONS = {"fast": {"fast": True}, "tta": {"tta": True}, "no-tta": {"tta": False}, "largest-component": {"largest_component": True}, "no-largest-component": {"largest_component": False}, "stateless": {"bank": "stateless"},
            "accumulate": {"bank": "accumulate"}, "refine-all": {"refine_all": True},
            "no-refine-all": {"refine_all": False}, "nearest-labels": {"smooth_labels": False}, "refine-every-slice": {"refine_step_mm": 0.0}}
 GROUPINGS = ("phase", "fov")
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"an extra run with options, comma-separated from: {', '.join(OPTIONS)}")
     ap.add_argument("--variant-models", nargs="+", default=None, metavar="NAME",
                     help="run the variants only for these models (default: every model)")
+    ap.add_argument("--variants-only", action="store_true", help="run only the --variant runs, not each model's base run")
     ap.add_argument("--fine-alone", action="store_true",
                     help="the base run of every model is FINE alone (no refine-all) instead of the default pipeline")
     ap.add_argument("--real", default=str(DEFAULT_REAL), help="real CT: a folder with ct.nii.gz + labels.nii.gz, or a dataset")
@@ -201,8 +202,8 @@ def _run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"real_ct.py: error: --variant-models names no model {', '.join(unknown)}.", file=sys.stderr)
         return 2
-    base = {"refine_all": False, "largest_component": False} if args.fine_alone else {}
-    runs = [(name, model, "default", base) for name, model in args.model]
+    base = {"refine_all": False, "largest_component": False, "tta": False} if args.fine_alone else {}
+    runs = [] if args.variants_only else [(name, model, "default", base) for name, model in args.model]
     runs += [(name, model, vname, {**base, **options}) for vname, options in args.variant for name, model in args.model
              if args.variant_models is None or name in args.variant_models]
     results: dict[str, dict[str, Evaluation]] = {key: {} for key, *_ in datasets}
@@ -220,9 +221,9 @@ def _run(args: argparse.Namespace) -> int:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
     md = ["# FINE models on real CT, held-out synthetic anatomy and the old phantoms", "",
           "Models: " + "; ".join(f"{n} = {m['model']} (sha256 {str(m['sha256'])[:12]})" for n, m in models.items()) + ".",
-          ("Each runs as FINE alone (`fine-seg segment --no-largest-component --no-refine-all`: stateless bank, "
+          ("Each runs as FINE alone (`fine-seg segment --no-tta --no-largest-component --no-refine-all`: stateless bank, "
            "overlap 0.5, no TTA)" if args.fine_alone else
-           "Each runs with the default `fine-seg segment` settings (stateless bank, overlap 0.5, no TTA, the largest "
+           "Each runs with the default `fine-seg segment` settings (stateless bank, overlap 0.5, TTA, the largest "
            "component of every organ but the pancreas, then refine-all: what Segment in Slicer runs)")
           + "".join(f"; `{v}` adds {', '.join(f'{k}={o}' for k, o in opts.items())}" for v, opts in args.variant) + ".",
           f"Machine: {machine}.", ""]

@@ -384,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "over the volume in two passes (the same Dice for the shipped models, README, at twice the time)")
     p.add_argument("--fast", action="store_true", help="FINE alone (no refine-all unless --refine-all is given) with less crop "
                    "overlap (0.25 instead of 0.5): about 2-3x fewer crops")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average each crop over +-10 degree in-plane rotations and 0.9/1.1 scalings (5x slower)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="test-time augmentation: average each crop "
+                   "over +-10 degree in-plane rotations and 0.9/1.1 scalings (the default, off with --fast; FINE's part 3-5x "
+                   "slower, README); --no-tta: one prediction per crop")
     _largest_component_switch(p)
     _refine_all_switch(p)
     p.add_argument("--format", choices=["seg.nrrd", "nii.gz"], default="seg.nrrd", help="Slicer segmentation (default) or NIfTI label map")
@@ -483,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="write per-case and mean metrics as CSV")
     p.add_argument("-q", "--quiet", action="store_true")
     _largest_component_switch(p)
-    p.add_argument("--tta", action="store_true", help="test-time augmentation, as in segment (5x slower)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="test-time augmentation, as in segment "
+                   "(the default, off with --fast)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="segment a synthetic phantom with the bundled demo model and score it")

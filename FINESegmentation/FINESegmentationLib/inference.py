@@ -231,7 +231,8 @@ class Segmenter:
     ``model``: a registered model name, a checkpoint path, or a ``(FINE, ModelInfo)`` pair.
     ``bank``: ``accumulate`` (two passes, whole-volume context) or ``stateless``.
     ``fast``: less crop overlap (0.25 instead of 0.5). ``tta``: average each crop's prediction over
-    ``TTA_VARIANTS`` (small in-plane rotations and scalings, undone on the probabilities).
+    ``TTA_VARIANTS`` (small in-plane rotations and scalings, undone on the probabilities); ``None`` (the
+    default): on, unless ``fast``.
     ``largest_component``: keep each organ's largest connected component before refine-all; ``None`` (the
     default): every organ but the pancreas (``NO_LARGEST_COMPONENT``), ``True``: every organ, ``False``: none.
     ``refine_all``: redraw every organ FINE found with LiteMedSAM, slice by slice from its own boxes
@@ -245,7 +246,7 @@ class Segmenter:
         device: str = "auto",
         bank: str = "stateless",
         fast: bool = False,
-        tta: bool = False,
+        tta: bool | None = None,
         largest_component: bool | None = None,
         sw_batch_size: int | None = None,
         overlap: float | None = None,
@@ -269,7 +270,7 @@ class Segmenter:
         self.model = self.model.to(self.device).eval()
         self.bank_mode = bank if self.info.config.volume_tokens else "stateless"
         self.fast = fast
-        self.tta = tta
+        self.tta = (not fast) if tta is None else bool(tta)
         # None (default): every organ but those in NO_LARGEST_COMPONENT; True: every organ; False: none.
         names = list(self.info.class_names)
         if largest_component is None:

@@ -515,7 +515,7 @@ class _Options:
     device: str
     bank: str
     fast: bool
-    tta: bool
+    tta: bool | None
     refine_all: bool | None = None  # None: on unless fast (Segmenter's default)
 
 
@@ -565,7 +565,7 @@ class FINESegmentationLogicCore:
         return volume_from_node(volumeNode)
 
     def startSegmentation(self, volume: Volume, *, model: str | None = None, device: str = "auto", bank: str = "stateless",
-                          fast: bool = False, tta: bool = False, refine_all: bool | None = None,
+                          fast: bool = False, tta: bool | None = None, refine_all: bool | None = None,
                           cancel: threading.Event | None = None) -> Job:
         """Queue the network on the worker thread; the job's result is a :class:`SegmentationOutput`.
 
@@ -574,7 +574,7 @@ class FINESegmentationLogicCore:
         (loading; refine-all's slices). ``refine_all``: then redraw every organ slice by slice with
         LiteMedSAM (``Segmenter(refine_all=...)``; None, the default: on unless ``fast``).
         """
-        options = _Options(model or None, device or "auto", bank, bool(fast), bool(tta), None if refine_all is None else bool(refine_all))
+        options = _Options(model or None, device or "auto", bank, bool(fast), None if tta is None else bool(tta), None if refine_all is None else bool(refine_all))
         return self.worker.submit(self._run, volume, options, cancel=cancel)
 
     def importResult(self, output: SegmentationOutput, volumeNode, segmentationNode=None):
@@ -582,7 +582,7 @@ class FINESegmentationLogicCore:
         return write_segmentation_node(output, volumeNode, segmentationNode)
 
     def segment(self, volumeNode, segmentationNode=None, *, model: str | None = None, device: str = "auto",
-                bank: str = "stateless", fast: bool = False, tta: bool = False, refine_all: bool | None = None,
+                bank: str = "stateless", fast: bool = False, tta: bool | None = None, refine_all: bool | None = None,
                 progress: Callable[[Any], None] | None = None, cancel: threading.Event | None = None):
         """Segment a CT volume node; returns the segmentation node (new unless ``segmentationNode`` is given).
 
@@ -601,7 +601,7 @@ class FINESegmentationLogicCore:
 
     def segmentFiles(self, inputPaths: Sequence[str | os.PathLike], outputDir: str | os.PathLike, *,
                      model: str | None = None, device: str = "auto", bank: str = "stateless", fast: bool = False,
-                     tta: bool = False, refine_all: bool | None = None, extension: str = ".seg.nrrd",
+                     tta: bool | None = None, refine_all: bool | None = None, extension: str = ".seg.nrrd",
                      progress: Callable[[int, int, Any], None] | None = None,
                      cancel: threading.Event | None = None) -> list[dict[str, Any]]:
         """Segment CT files (or DICOM folders) into ``outputDir/<name><extension>``; the scene is not touched.
@@ -623,7 +623,7 @@ class FINESegmentationLogicCore:
         targets = [folder / f"{case_name(p)}{extension}" for p in inputs]
         if len(set(targets)) != len(targets):
             raise InputError("Two inputs have the same name, so their outputs would overwrite each other; rename one of them.")
-        options = _Options(model or None, device or "auto", bank, bool(fast), bool(tta), None if refine_all is None else bool(refine_all))
+        options = _Options(model or None, device or "auto", bank, bool(fast), None if tta is None else bool(tta), None if refine_all is None else bool(refine_all))
         results: list[dict[str, Any]] = []
         for index, (source, target) in enumerate(zip(inputs, targets)):
             job = self.worker.submit(self._run_file, source, target, options, cancel=cancel)
