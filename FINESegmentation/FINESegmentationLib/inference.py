@@ -238,6 +238,10 @@ class Segmenter:
     ``refine_all``: redraw every organ FINE found with LiteMedSAM, slice by slice from its own boxes
     (:func:`~.refiner.litemedsam.refine_all.refine_all`); the probabilities stay FINE's. ``None`` (the
     default): on, unless ``fast`` (then FINE alone: the fast mode keeps FINE's CPU time).
+    ``refine_step_mm``: on slices thinner than this, refine-all embeds slices at most this far apart and
+    interpolates between them (``None``: ``DEFAULT_SLICE_STEP_MM``, 3 mm; 0: every slice).
+    ``smooth_labels``: labels on the input grid are the argmax of the probabilities resampled linearly (the
+    default) or, when False, the network grid's labels resampled nearest-neighbour.
     """
 
     def __init__(
