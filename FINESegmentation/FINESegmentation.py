@@ -37,7 +37,7 @@ from slicer.util import VTKObservationMixin
 from FINESegmentationLib.errors import CancelledError, FINEError
 from FINESegmentationLib.mrml import AttentionNodes, FINESegmentationLogicCore, click_points, fiducial_point
 from FINESegmentationLib.worker import FAILED, FINISHED, PROGRESS
-from FINESegmentationRefine.logic import LITEMEDSAM, REFINE_TARGETS, REFINERS, SELECTED_SEGMENT, RefineLogic
+from FINESegmentationRefine.logic import AUTO, REFINE_TARGETS, REFINERS, SELECTED_SEGMENT, RefineLogic
 from FINESegmentationRefine.widget import RefineSection
 
 # Installed by the PyTorch extension's PyTorchUtils (it picks the build that fits the GPU driver).
@@ -133,7 +133,7 @@ class FINESegmentationParameterNode:
     attentionMap: vtkMRMLScalarVolumeNode
     attentionCrop: vtkMRMLMarkupsROINode
     attentionGrid: vtkMRMLModelNode
-    refineRefiner: Annotated[str, Choice(list(REFINERS))] = LITEMEDSAM
+    refineRefiner: Annotated[str, Choice(list(REFINERS))] = AUTO
     refineSegmentation: vtkMRMLSegmentationNode
     refineSegmentId: str = ""
     refineOrgan: Annotated[str, Choice(list(REFINE_TARGETS))] = SELECTED_SEGMENT
@@ -789,14 +789,16 @@ class FINESegmentationLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ refining a segment (FINESegmentationRefine.logic)
 
-    def refineStart(self, volumeNode, segmentationNode, segmentId, model=None, device="auto", refiner=LITEMEDSAM, progress=None):
+    def refineStart(self, volumeNode, segmentationNode, segmentId, model=None, device="auto", refiner=AUTO, progress=None):
         """Start refining a segment of ``segmentationNode`` (on ``volumeNode``'s grid) with a box and clicks; returns a session.
 
-        ``refiner``: "litemedsam" (slice by slice; the default) or "memorizing-sam" (3-D, clicks on an existing
-        segment). ``segmentId``: a segment's ID or name, or an organ ("spleen", "right kidney"); for LiteMedSAM it
-        may be empty or absent (a box creates it; with ``segmentationNode`` None, in a new segmentation).
+        ``refiner``: "auto" (the default: each prompt chooses, as ``fine-seg refine --refiner auto``: a box, a click on
+        a missing organ or a positive click far outside the segment go to LiteMedSAM, clicks on the segment to the
+        Memorizing-SAM refiner), "litemedsam" (slice by slice) or "memorizing-sam" (3-D, clicks on an existing
+        segment). ``segmentId``: a segment's ID or name, or an organ ("spleen", "right kidney"); for LiteMedSAM and
+        "auto" it may be empty or absent (a box creates it; with ``segmentationNode`` None, in a new segmentation).
         ``model``: the refiner's registered name or file (None: the bundled one; for LiteMedSAM the click-tuned
-        weights when registered).
+        weights when registered; "auto" takes the bundled ones).
         """
         self._requireRequirements()
         return self.refine.start(volumeNode, segmentationNode, segmentId, refiner=refiner, model=model, device=device, progress=progress)

@@ -296,3 +296,79 @@ def test_the_refine_all_switch_reaches_the_engine(mrml_scene, ct, tiny_checkpoin
     assert default.report["refine_all"] is not None, "it runs by default"
     assert fast.report["refine_all"] is None and off.report["refine_all"] is None, "fast, or the switch off, skips it"
     assert any(isinstance(e, str) and e.startswith("Refine all") for e in events), "its slices are reported to the GUI"
+
+
+class _CropPredictor:
+    """A stand-in for the Memorizing-SAM refiner: records the segment its crop was set around and the clicks asked."""
+
+    has_memory = True
+
+    def __init__(self):
+        self.bases, self.calls = [], []
+
+    def set_volume(self, volume, segment):
+        self.bases.append(segment.copy())
+
+    def predict(self, points, labels, previous_mask=None, use_memory=True):
+        self.calls.append(len(labels))
+        answer = previous_mask.copy()
+        answer[-1, -1, -1] = not answer[-1, -1, -1]
+
+        class _Answer:
+            used_memory, iou, box = use_memory, 0.9, None
+
+            @staticmethod
+            def paste(current):
+                return answer
+
+        return _Answer()
+
+
+def test_the_automatic_choice_sends_each_prompt_to_the_refiner_fine_seg_refine_would_and_undo_moves_back(mrml_scene, ct, reference, refine):
+    """``auto`` (the Refine section's default): clicks on a segment FINE found go to the Memorizing-SAM refiner, a box,
+    a click on a missing organ or a positive click far outside the segment to LiteMedSAM, clicks after a box stay with
+    LiteMedSAM; a switch starts from the segment as it is, and Undo restores the refiner that answered before."""
+    from FINESegmentationLib.refiner.choice import AUTO_REACH_MM
+
+    segmentation = _segmentation(ct, reference, ORGANS, empty=[SPLEEN])
+    slices, crops = _MemoryPredictor(), _CropPredictor()
+    logic = RefineLogic(refine.worker)
+    loads = []
+
+    def load(refiner, model, device):
+        loads.append(refiner)
+        return (crops, "crops", True) if refiner == MEMORIZING_SAM else (slices, "slices", True)
+
+    logic._load = load
+    liver = segment_mask(segmentation, "liver", ct)
+    k = int(np.flatnonzero(liver.any((1, 2)))[len(np.flatnonzero(liver.any((1, 2)))) // 2])
+    on_liver = _click_inside(liver, k, reference)
+    ijk = np.argwhere(liver)
+    far_ijk = np.array([ijk[:, 2].max() + AUTO_REACH_MM / reference.geometry.spacing[0] + 3, ijk[:, 1].mean(), k, 1.0])
+    far = (reference.geometry.ijk_to_ras() @ far_ijk)[:3]
+
+    session = logic.start(ct, segmentation, "liver", device="cpu")
+    assert session.automatic and session.choice == "auto" and session.refiner == "litemedsam", "auto starts ready for a box"
+    first = logic.prompt(session, points=[on_liver], labels=[1])
+    assert first.answered_by[0] == MEMORIZING_SAM and session.refiner == MEMORIZING_SAM, "a click on the found liver: Memorizing-SAM"
+    assert np.array_equal(crops.bases[-1], liver), "its crop is set around the segment as it was"
+    logic.prompt(session, points=[on_liver], labels=[0])
+    assert crops.calls == [1, 2] and session.refiner == MEMORIZING_SAM, "it gets every click so far"
+    after_two = segment_mask(segmentation, "liver", ct)
+    moved = logic.prompt(session, points=[far], labels=[1])
+    assert moved.answered_by[0] == "litemedsam" and session.refiner == "litemedsam", "a positive click far outside: LiteMedSAM"
+    assert np.array_equal(moved.prompts.base, after_two) and len(moved.prompts.labels) == 1, "it starts from the segment as it is"
+
+    assert logic.undo(session) and session.refiner == MEMORIZING_SAM, "Undo gives the step back to the refiner that answered before"
+    assert np.array_equal(segment_mask(segmentation, "liver", ct), after_two)
+    logic.prompt(session, box=_roi(mrml_scene, reference, ORGAN_BY_NAME["liver"]))
+    assert session.refiner == "litemedsam", "a box: LiteMedSAM"
+    logic.prompt(session, points=[on_liver], labels=[1])
+    assert session.refiner == "litemedsam" and session.prompts.box is not None, "clicks after a box correct its answer with LiteMedSAM"
+    assert crops.calls == [1, 2], "the Memorizing-SAM refiner was not asked again"
+
+    empty = logic.start(ct, segmentation, "spleen", device="cpu")
+    logic.prompt(empty, points=[on_liver], labels=[1])
+    assert empty.refiner == "litemedsam", "a click on a missing organ: LiteMedSAM, which draws it afresh"
+    with pytest.raises(InputError, match="bundled weights"):
+        logic.start(ct, segmentation, "liver", device="cpu", refiner="auto", model="litemedsam")

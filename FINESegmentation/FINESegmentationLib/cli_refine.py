@@ -41,31 +41,11 @@ def _labels_on_ct(args: argparse.Namespace, volume):
     return labels
 
 
-# A positive click farther than this outside an existing segment's box is on an organ FINE put elsewhere.
-AUTO_REACH_MM = 20.0
-
-
-def _clicks_near(segment: np.ndarray, volume, points, positive) -> bool:
-    """Whether every positive click lies within AUTO_REACH_MM of the segment's bounding box (voxel grid)."""
-    import numpy as np
-
-    where = np.nonzero(segment)
-    lo = np.array([w.min() for w in where], float)  # (z, y, x)
-    hi = np.array([w.max() for w in where], float)
-    reach = AUTO_REACH_MM / np.asarray(volume.geometry.spacing, float)[::-1]
-    for point in np.asarray(points)[np.asarray(positive, bool)]:
-        zyx = np.asarray(volume.geometry.ras_to_ijk(point), float)[::-1]
-        if ((zyx < lo - reach) | (zyx > hi + reach)).any():
-            return False
-    return True
-
-
 def _choose_refiner(args: argparse.Namespace, segment: np.ndarray | None = None, volume=None, points=None, positive=None) -> str:
-    """``--refiner``, or for ``auto``: the kind of a registered ``--model``; a box, an empty segment or a positive
-    click far (AUTO_REACH_MM) outside the segment: LiteMedSAM (click-tuned weights when registered), the one
-    refiner that draws an organ afresh; clicks alone on a segment FINE found: the Memorizing-SAM refiner, ahead
-    after five clicks from the default segmentation on the real CT and the synthetic volumes (README, "Which
-    refiner, when")."""
+    """``--refiner``, or for ``auto``: the kind of a registered ``--model`` (or of a weights file), else the rule
+    every front end shares (:func:`~.refiner.choice.automatic_refiner`): a box, an empty segment or a positive
+    click far outside the segment: LiteMedSAM (click-tuned weights when registered); clicks alone on a segment
+    FINE found: the Memorizing-SAM refiner."""
     from .checkpoints import read_registry
     from .errors import InputError
 
@@ -81,10 +61,13 @@ def _choose_refiner(args: argparse.Namespace, segment: np.ndarray | None = None,
             from .refiner.litemedsam.click_weights import slice_weights
 
             choice = "litemedsam" if slice_weights(args.model)[1] else "memorizing-sam"
-        elif segment is not None and segment.any() and args.points and _clicks_near(segment, volume, points, positive):
-            choice = "memorizing-sam"
         else:
-            choice = "litemedsam" if read_registry(kind="refiner-2d-clicks") else "memorizing-sam"
+            from .refiner.choice import automatic_refiner
+
+            choice = automatic_refiner(segment, volume.geometry if volume is not None else None, box=False,
+                                       points=points if args.points else None, positive=positive)
+            if choice == "litemedsam" and not read_registry(kind="refiner-2d-clicks"):
+                choice = "memorizing-sam"  # LiteMedSAM's published weights do not follow clicks
     if choice == "memorizing-sam":
         if args.box:
             raise InputError("The Memorizing-SAM refiner takes clicks only; use --refiner litemedsam for a box.")

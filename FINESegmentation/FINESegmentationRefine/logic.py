@@ -1,6 +1,10 @@
 """Refining one segment of a segmentation node with a box and clicks, each prompt undoable exactly.
 
-Two refiners:
+Two refiners, and ``auto`` (the default) to let each prompt choose between them by the rule every front end
+shares (:func:`FINESegmentationLib.refiner.choice.automatic_refiner`): a box, a click on a missing organ or a
+positive click far outside the segment go to LiteMedSAM; clicks on the segment FINE found go to the Memorizing-SAM
+refiner; clicks after a box stay with LiteMedSAM (they correct the box's answer). When a prompt moves the session to
+the other refiner, that refiner starts from the segment as it is then; undo moves it back.
 
 * ``litemedsam`` (the default): LiteMedSAM slice by slice
   (:class:`~FINESegmentationLib.refiner.litemedsam.predictor.SlicePredictor`). A box (a markups ROI, or a
@@ -35,6 +39,7 @@ import slicer
 
 from FINESegmentationLib.errors import InputError
 from FINESegmentationLib.labels import ORGANS
+from FINESegmentationLib.refiner.choice import AUTO, LITEMEDSAM, MEMORIZING_SAM, automatic_refiner
 from FINESegmentationLib.mrml import (
     check_same_transform,
     describe_segment,
@@ -49,9 +54,7 @@ from FINESegmentationLib.mrml import (
 from FINESegmentationLib.volume import Volume
 from FINESegmentationLib.worker import Job, TorchWorker
 
-LITEMEDSAM = "litemedsam"
-MEMORIZING_SAM = "memorizing-sam"
-REFINERS = (LITEMEDSAM, MEMORIZING_SAM)
+REFINERS = (AUTO, LITEMEDSAM, MEMORIZING_SAM)
 # What the Refine section refines: the segment chosen in its selector, or an organ (created if absent).
 SELECTED_SEGMENT = "selected segment"
 REFINE_TARGETS = (SELECTED_SEGMENT,) + tuple(o.name for o in ORGANS)
@@ -177,12 +180,16 @@ class _Step:
     created_node: bool
     prompts: Prompts
     written: np.ndarray
+    answered_by: tuple  # the session's refiner, weights, click training and memory before the step
 
 
 @dataclass(eq=False)
 class RefineSession:
     """One segment being refined: its nodes (``segmentationNode`` is None until a box creates one), the CT,
-    the refiner (name, weights, whether it has a memory), the prompts so far and the undo stack."""
+    the refiner (name, weights, whether it has a memory), the prompts so far and the undo stack.
+
+    ``refiner`` is the refiner answering now; with ``automatic`` (the user chose ``auto``) each prompt may move it to
+    the other one."""
 
     volumeNode: Any
     segmentationNode: Any
@@ -200,6 +207,15 @@ class RefineSession:
     prompts: Prompts = field(default_factory=Prompts)
     written: np.ndarray | None = None  # the segment as the last prompt (or undo) left it
     undo: list[_Step] = field(default_factory=list)
+    automatic: bool = False
+
+    @property
+    def choice(self) -> str:
+        """What the user chose: ``auto``, ``litemedsam`` or ``memorizing-sam``."""
+        return AUTO if self.automatic else self.refiner
+
+    def _answered_by(self) -> tuple:
+        return self.refiner, self.weights, self.clicks_trained, self.has_memory
 
 
 @dataclass
@@ -223,12 +239,13 @@ class RefineResult:
     stops: dict[str, str] = field(default_factory=dict)
     iou: float | None = None
     crop: tuple[slice, slice, slice] | None = None
+    answered_by: tuple = ()  # (refiner, weights, click-trained, has memory) of the refiner that answered
 
     def summary(self) -> str:
         """One sentence for the status line."""
         memory = "memory used" if self.used_memory else "no memory"
         if self.iou is not None:
-            return f"IoU estimate {self.iou:.2f}, {1000 * self.seconds:.0f} ms, {memory}."
+            return f"Memorizing-SAM: IoU estimate {self.iou:.2f}, {1000 * self.seconds:.0f} ms, {memory}."
         ends = "; ".join(f"{side}: {why}" for side, why in self.stops.items())
         return (f"{self.slices} slice(s) redrawn in {self.seconds:.1f} s ({self.embed_seconds:.1f} s embedding new slices), "
                 f"{memory}" + (f"; {ends}." if ends else "."))
@@ -243,15 +260,16 @@ class RefineLogic:
     def __init__(self, worker: TorchWorker) -> None:
         self.worker = worker
         self._loaded: tuple[tuple, Any, str, bool] | None = None  # (key, predictor, weights, click-tuned): worker thread only
-        self._holder: RefineSession | None = None  # whose crop the Memorizing-SAM predictor holds (worker thread only)
+        self._holder: tuple | None = None  # (session, segment) whose crop the Memorizing-SAM predictor holds (worker thread only)
 
     # ---------------------------------------------------------------- starting
 
-    def startSession(self, volumeNode, segmentationNode, segment: str, *, refiner: str = LITEMEDSAM, model: str | None = None,
+    def startSession(self, volumeNode, segmentationNode, segment: str, *, refiner: str = AUTO, model: str | None = None,
                      device: str = "auto") -> Job:
         """Read the CT and the segment (this thread), then load the refiner on the worker; the job's result is a
         :class:`RefineSession`. ``segment``: an ID or a name; it may be empty or absent for LiteMedSAM (a box
-        creates it; with ``segmentationNode`` None, in a new segmentation node)."""
+        creates it; with ``segmentationNode`` None, in a new segmentation node). ``auto``: each prompt chooses
+        (LiteMedSAM until a click on the segment goes to the Memorizing-SAM refiner)."""
         if refiner not in REFINERS:
             raise InputError(f"Unknown refiner '{refiner}'; choose one of: {', '.join(REFINERS)}.")
         volume = volume_from_node(volumeNode)
@@ -265,8 +283,14 @@ class RefineLogic:
         if refiner == MEMORIZING_SAM and not initial.any():
             raise InputError(f"The segment '{name}' is {'empty' if exists else 'absent'}; the Memorizing-SAM refiner corrects "
                              "an existing segment, so draw a box with the LiteMedSAM refiner to create it.")
+        automatic = refiner == AUTO
+        if automatic:
+            if model:
+                raise InputError("The automatic refiner choice uses each refiner's bundled weights; choose litemedsam or "
+                                 "memorizing-sam to give weights.")
+            refiner = LITEMEDSAM
         session = RefineSession(volumeNode, segmentationNode, segmentId, name, refiner, volume, initial, model or None,
-                                device or "auto", prompts=Prompts(base=initial), written=initial)
+                                device or "auto", prompts=Prompts(base=initial), written=initial, automatic=automatic)
         return self.worker.submit(self._start, session)
 
     def _load(self, refiner: str, model: str | None, device: str) -> tuple[Any, str, bool]:
@@ -288,33 +312,50 @@ class RefineLogic:
             return predictor, f"LiteMedSAM, click-tuned weights '{weights}'", True
         return predictor, f"LiteMedSAM, weights '{weights or 'litemedsam'}' (trained on boxes only)", False
 
-    def _ready(self, session: RefineSession, progress: Callable[[Any], None]):
-        """The loaded predictor for this session, holding its CT (and, for Memorizing-SAM, its crop)."""
-        key = (session.refiner, session.model, session.device)
+    def _ready(self, session: RefineSession, progress: Callable[[Any], None], refiner: str | None = None, base: np.ndarray | None = None):
+        """The loaded ``refiner`` (the session's by default) for this session, holding its CT (and, for Memorizing-SAM,
+        its crop around ``base``, the segment it started from: the session's initial one by default)."""
+        refiner = refiner or session.refiner
+        key = (refiner, session.model, session.device)
         if self._loaded is None or self._loaded[0] != key:
             self._loaded = self._holder = None  # free the previous refiner before loading the next
             progress("Loading the refiner...")
             self._loaded = (key, *self._load(*key))
         predictor = self._loaded[1]
-        if session.refiner == LITEMEDSAM:
+        if refiner == LITEMEDSAM:
             if not _same_volume(predictor.volume, session.volume):
                 predictor.set_volume(session.volume)
-        elif self._holder is not session:
-            self._holder = None
-            predictor.set_volume(session.volume, session.initial)
-            self._holder = session
+        else:
+            base = session.initial if base is None else base
+            if self._holder is None or self._holder[0] is not session or self._holder[1] is not base:
+                self._holder = None
+                predictor.set_volume(session.volume, base)
+                self._holder = (session, base)
         return predictor
+
+    def _describe(self, refiner: str, predictor) -> tuple:
+        """(refiner, weights in words, click-trained, has memory) of the loaded ``predictor``."""
+        if refiner == MEMORIZING_SAM:
+            has_memory = bool(predictor.has_memory)
+        else:
+            has_memory = accepts_memory(predictor) and bool(getattr(predictor, "has_memory", True))
+        return refiner, self._loaded[2], self._loaded[3], has_memory
 
     def _start(self, session: RefineSession, progress, cancel) -> RefineSession:
         start = time.perf_counter()
         predictor = self._ready(session, progress)
-        session.weights, session.clicks_trained = self._loaded[2], self._loaded[3]
-        if session.refiner == MEMORIZING_SAM:
-            session.has_memory = bool(predictor.has_memory)
-        else:
-            session.has_memory = accepts_memory(predictor) and bool(getattr(predictor, "has_memory", True))
+        _, session.weights, session.clicks_trained, session.has_memory = self._describe(session.refiner, predictor)
         session.start_s = time.perf_counter() - start
         return session
+
+    @staticmethod
+    def _refiner_for(session: RefineSession, box, points: np.ndarray, labels: np.ndarray, current: np.ndarray) -> str:
+        """The refiner that answers this prompt: the session's, or for ``auto`` the shared rule's choice."""
+        if not session.automatic:
+            return session.refiner
+        if box is None and session.refiner == LITEMEDSAM and session.prompts.box is not None:
+            return LITEMEDSAM  # clicks after a box correct the box's answer
+        return automatic_refiner(current, session.volume.geometry, box=box is not None, points=points, positive=labels == 1)
 
     # ---------------------------------------------------------------- prompts
 
@@ -347,28 +388,33 @@ class RefineLogic:
         if box is None and not len(points):
             raise InputError("Draw a box or place a click to refine the segment with.")
         current = self._current(session)
-        if session.refiner == MEMORIZING_SAM:
+        refiner = self._refiner_for(session, box, points, labels, current)
+        switched = refiner != session.refiner  # an automatic session moves to the other refiner: it starts from the segment now
+        if refiner == MEMORIZING_SAM:
             if box is not None:
                 raise InputError("The Memorizing-SAM refiner takes clicks only; choose the LiteMedSAM refiner to draw a box.")
-            prompts = session.prompts.with_clicks(points, labels)
+            prompts = (Prompts(base=current) if switched else session.prompts).with_clicks(points, labels)
         elif box is not None:
             prompts = Prompts(current, box_corners(box, session.volumeNode), points, labels)
-        elif session.written is None or not np.array_equal(current, session.written):
+        elif switched or session.written is None or not np.array_equal(current, session.written):
             prompts = Prompts(current, None, points, labels)  # changed outside the Refine section: start from it
         else:
             prompts = session.prompts.with_clicks(points, labels)
-        return self.worker.submit(self._predict, session, prompts, current, "box" if box is not None else "click", bool(memory))
+        return self.worker.submit(self._predict, session, refiner, prompts, current, "box" if box is not None else "click", bool(memory))
 
-    def _predict(self, session: RefineSession, prompts: Prompts, current: np.ndarray, kind: str, memory: bool, progress, cancel):
-        predictor = self._ready(session, progress)
+    def _predict(self, session: RefineSession, refiner: str, prompts: Prompts, current: np.ndarray, kind: str, memory: bool,
+                 progress, cancel):
+        predictor = self._ready(session, progress, refiner, prompts.base)
+        answered_by = self._describe(refiner, predictor)
+        has_memory = answered_by[3]
         start = time.perf_counter()
-        if session.refiner == MEMORIZING_SAM:
-            answer = predictor.predict(prompts.points, prompts.labels, previous_mask=current, use_memory=memory)
+        if refiner == MEMORIZING_SAM:
+            answer = predictor.predict(prompts.points, prompts.labels, previous_mask=current, use_memory=memory and has_memory)
             return RefineResult(answer.paste(current), current, prompts, kind, answer.used_memory, time.perf_counter() - start,
-                                iou=answer.iou, crop=answer.box)
+                                iou=answer.iou, crop=answer.box, answered_by=answered_by)
         progress("Refining: each slice LiteMedSAM has not seen yet is embedded first (2-4 s on a CPU)...")
         embedded = predictor.embed_seconds
-        extra = {"use_memory": memory} if session.has_memory else {}
+        extra = {"use_memory": memory} if has_memory else {}
         clicks = len(prompts.labels) > 0
         if clicks and prompts.boxed is not None and not self._on_box_slice(predictor, prompts):
             # The box's answer is what predict(box, clicks, base) computes before it turns to clicks off the box's
@@ -379,9 +425,10 @@ class RefineLogic:
                                        labels=prompts.labels if clicks else None, previous_mask=prompts.base, **extra)
         if prompts.box is not None and not clicks:
             prompts = Prompts(prompts.base, prompts.box, prompts.points, prompts.labels, answer.mask)
-        used = bool(getattr(answer, "used_memory", memory and session.has_memory))
+        used = bool(getattr(answer, "used_memory", memory and has_memory))
         return RefineResult(answer.mask, current, prompts, kind, used, time.perf_counter() - start,
-                            embed_seconds=predictor.embed_seconds - embedded, slices=len(answer.drawn), stops=dict(answer.stops))
+                            embed_seconds=predictor.embed_seconds - embedded, slices=len(answer.drawn), stops=dict(answer.stops),
+                            answered_by=answered_by)
 
     @staticmethod
     def _on_box_slice(predictor, prompts: Prompts) -> bool:
@@ -413,8 +460,11 @@ class RefineLogic:
             raise
         session.segmentationNode = node
         region = _changed_region(current, result.mask)
-        session.undo.append(_Step(region, current[region].copy(), created_segment, created_node, session.prompts, session.written))
+        session.undo.append(_Step(region, current[region].copy(), created_segment, created_node, session.prompts, session.written,
+                                  session._answered_by()))
         session.prompts, session.written = result.prompts, result.mask
+        if result.answered_by:
+            session.refiner, session.weights, session.clicks_trained, session.has_memory = result.answered_by
 
     def undo(self, session: RefineSession) -> bool:
         """Take the last applied prompt back exactly (a segment or node it created is removed again); False when
@@ -434,11 +484,12 @@ class RefineLogic:
             write_segment_mask(mask, node, session.segmentId, session.volumeNode)
         session.undo.pop()
         session.prompts, session.written = step.prompts, step.written
+        session.refiner, session.weights, session.clicks_trained, session.has_memory = step.answered_by
         return True
 
     # ---------------------------------------------------------------- blocking, for scripts and the Python console
 
-    def start(self, volumeNode, segmentationNode, segment: str, *, refiner: str = LITEMEDSAM, model: str | None = None,
+    def start(self, volumeNode, segmentationNode, segment: str, *, refiner: str = AUTO, model: str | None = None,
               device: str = "auto", progress: Callable[[Any], None] | None = None) -> RefineSession:
         return self.startSession(volumeNode, segmentationNode, segment, refiner=refiner, model=model, device=device).wait(progress)
 

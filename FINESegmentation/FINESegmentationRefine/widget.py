@@ -103,7 +103,7 @@ class RefineSection(VTKObservationMixin):
             selector.setCurrentNode(p.refineSegmentation)
         if p.refineSegmentation is not None and p.refineSegmentId and selector.currentSegmentID() != p.refineSegmentId:
             selector.setCurrentSegmentID(p.refineSegmentId)
-        if self.session is not None and self.session.refiner != p.refineRefiner:
+        if self.session is not None and self.session.choice != p.refineRefiner:
             self.end()
             self._setStatus(_("The refiner changed; click Start to refine with it."))
         active, busy = self.session is not None, self._job is not None
@@ -112,7 +112,7 @@ class RefineSection(VTKObservationMixin):
         self.ui.refineStartButton.text = _("Restart") if active else _("Start")
         self.ui.refineUndoButton.enabled = active and not busy and bool(self.session.undo)
         self.ui.refineResetButton.enabled = active
-        self.ui.refineBoxPlaceWidget.enabled = active and self.session.refiner == LITEMEDSAM
+        self.ui.refineBoxPlaceWidget.enabled = active and (self.session.automatic or self.session.refiner == LITEMEDSAM)
         self.ui.refinePositivePlaceWidget.enabled = active
         self.ui.refineNegativePlaceWidget.enabled = active
         memory = self.session is None or self.session.has_memory
@@ -185,7 +185,11 @@ class RefineSection(VTKObservationMixin):
         self.addObserver(p.refineBox, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onBoxPoint)
         self.addObserver(p.refineBox, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self.onBoxEdited)
         memory = _("memory on or off with Memory") if session.has_memory else _("no memory")
-        if session.refiner == LITEMEDSAM:
+        if session.automatic:
+            how = _("draw a Box around the organ on an axial slice (LiteMedSAM), or place points that add ({add}) or remove "
+                    "({remove}): on the segment they go to the Memorizing-SAM refiner, on a missing organ to LiteMedSAM; "
+                    "{undo} undoes.")
+        elif session.refiner == LITEMEDSAM:
             how = _("draw a Box around the organ on an axial slice, then place points that add ({add}) or remove ({remove}); "
                     "{undo} undoes.")
         else:
