@@ -312,7 +312,7 @@ class _CropPredictor:
     def predict(self, points, labels, previous_mask=None, use_memory=True):
         self.calls.append(len(labels))
         answer = previous_mask.copy()
-        answer[-1, -1, -1] = not answer[-1, -1, -1]
+        answer[tuple(np.argwhere(answer)[len(labels) - 1])] = False  # one voxel less per click, inside the segment's box
 
         class _Answer:
             used_memory, iou, box = use_memory, 0.9, None

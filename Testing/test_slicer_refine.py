@@ -145,3 +145,25 @@ def test_errors_leave_the_segment_and_the_scene_as_they_were(logic, mrml_scene, 
         logic.prompt(session, points=[far], labels=[0])
     assert _scene_state(mrml_scene) == before, "nothing added or modified"
     assert np.array_equal(segment_mask(segmentation, "liver", ct), mask) and not session.undo
+
+
+def test_every_click_is_applied_to_the_segment_refining_started_from_as_fine_seg_refine_does(logic, mrml_scene, nodes, case):
+    """The session's segment after two clicks is what one ``fine-seg refine --seg --points`` call computes from both
+    clicks on the segment as it was at the start (not the first click's answer asked again)."""
+    from FINESegmentationLib.mrml import volume_from_node
+
+    ct, segmentation = nodes
+    before = segment_mask(segmentation, "liver", ct)
+    session = logic.start(ct, segmentation, "liver", **OPTIONS)
+    inside = _ras_of(case, np.argwhere(before)[len(np.argwhere(before)) // 2])[:3]
+    missed = _ras_of(case, _missed_voxel(case, before))[:3]
+    logic.prompt(session, points=[missed], labels=[1])
+    logic.prompt(session, points=[inside], labels=[0])
+    after = segment_mask(segmentation, "liver", ct)
+
+    predictor = logic._loaded[1]
+    logic._holder = None  # the check below moves the predictor's crop
+    predictor.set_volume(volume_from_node(ct), before)
+    expected = predictor.predict(np.array([missed, inside]), np.array([1, 0]), use_memory=True).paste(before)
+    assert np.array_equal(after, expected), "both clicks asked at once on the starting segment, as fine-seg refine asks them"
+    assert not np.array_equal(after, before), "the clicks changed the segment"

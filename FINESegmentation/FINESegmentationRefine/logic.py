@@ -18,7 +18,8 @@ What LiteMedSAM is asked: the latest box and every click placed since, applied t
 was when that box was drawn (or when refining started), which is what ``fine-seg refine --seg
 --box --points`` computes from the same prompts. A box starts afresh from the segment as it is then;
 so does a click after the segment was changed outside the Refine section. The Memorizing-SAM refiner
-gets every click so far and the segment as it is now.
+gets every click so far, applied to the segment as it was when refining started (or when the segment was last
+changed outside the Refine section): what ``fine-seg refine --seg --points`` computes from those clicks.
 
 Every step touches MRML on the calling (GUI) thread only; the refiners run on the engine's torch
 worker: :meth:`RefineLogic.startSession` and :meth:`RefineLogic.startPrompt` read the scene and return
@@ -157,7 +158,7 @@ def accepts_memory(predictor) -> bool:
 class Prompts:
     """What LiteMedSAM is asked: ``box`` (2, 3) and the clicks since it (``points`` (N, 3), ``labels`` (N,)
     1 add / 0 remove; RAS mm in the volume's frame), applied to ``base`` (bool [z, y, x]); ``boxed``: the
-    box's own answer, which clicks off the box's slice start from. The Memorizing-SAM refiner uses the clicks only."""
+    box's own answer, which clicks off the box's slice start from. The Memorizing-SAM refiner uses the clicks and ``base``."""
 
     base: np.ndarray | None = None
     box: np.ndarray | None = None
@@ -393,7 +394,8 @@ class RefineLogic:
         if refiner == MEMORIZING_SAM:
             if box is not None:
                 raise InputError("The Memorizing-SAM refiner takes clicks only; choose the LiteMedSAM refiner to draw a box.")
-            prompts = (Prompts(base=current) if switched else session.prompts).with_clicks(points, labels)
+            fresh = switched or session.written is None or not np.array_equal(current, session.written)
+            prompts = (Prompts(base=current) if fresh else session.prompts).with_clicks(points, labels)
         elif box is not None:
             prompts = Prompts(current, box_corners(box, session.volumeNode), points, labels)
         elif switched or session.written is None or not np.array_equal(current, session.written):
@@ -409,8 +411,10 @@ class RefineLogic:
         has_memory = answered_by[3]
         start = time.perf_counter()
         if refiner == MEMORIZING_SAM:
-            answer = predictor.predict(prompts.points, prompts.labels, previous_mask=current, use_memory=memory and has_memory)
-            return RefineResult(answer.paste(current), current, prompts, kind, answer.used_memory, time.perf_counter() - start,
+            # Every click so far on the segment it started from, as fine-seg refine asks (README, "Click curves":
+            # asking the last answer instead did worse on the real CT).
+            answer = predictor.predict(prompts.points, prompts.labels, previous_mask=prompts.base, use_memory=memory and has_memory)
+            return RefineResult(answer.paste(prompts.base), current, prompts, kind, answer.used_memory, time.perf_counter() - start,
                                 iou=answer.iou, crop=answer.box, answered_by=answered_by)
         progress("Refining: each slice LiteMedSAM has not seen yet is embedded first (2-4 s on a CPU)...")
         embedded = predictor.embed_seconds
