@@ -15,6 +15,9 @@ the way the issue's user study placed them. Refiners:
   the published weights), on every slice drawn.
 * ``memorizing-sam`` (``+memory``): the phantom-trained 3-D refiner, every click so far on FINE's segment
   (its crop around the segment), with and without its memory.
+* ``auto``: what ``fine-seg refine --refiner auto`` (the default) runs given FINE's segmentation and every click so
+  far: the refiner :func:`~FINESegmentationLib.refiner.choice.automatic_refiner` picks for those clicks on FINE's
+  segment (the click-tuned LiteMedSAM, or the Memorizing-SAM refiner with its memory).
 
 Data: the real CT in ``../shared/data/real-ct/`` (``--real-ct``) and ``--synth-cases`` held-out synthetic
 volumes of ``--synth`` (evenly spread). Writes ``click_curves.json`` and ``click_curves.md`` into ``--out``.
@@ -35,7 +38,7 @@ sys.path.insert(0, str(ROOT / "FINESegmentation"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 REAL_CT = ROOT.parent / "shared" / "data" / "real-ct" / "ts-example-noncontrast"
-REFINERS = ("litemedsam-clicks", "litemedsam-clicks+memory", "litemedsam", "memorizing-sam", "memorizing-sam+memory")
+REFINERS = ("litemedsam-clicks", "litemedsam-clicks+memory", "litemedsam", "memorizing-sam", "memorizing-sam+memory", "auto")
 TARGET_ORGANS = ("spleen", "right kidney", "left kidney", "liver")  # the organs of the issue's target
 
 
@@ -124,6 +127,34 @@ def curve_memorizing(predictor, volume, initial, target, n_clicks, use_memory):
     return click_curve(volume, initial, target, n_clicks, apply)
 
 
+def curve_auto(slices, memorizing, volume, initial, target, n_clicks):
+    """``fine-seg refine --refiner auto --seg FINE --points ALL``: every click so far on FINE's segment, by the refiner
+    the shared rule picks for those clicks on that segment (the click-tuned LiteMedSAM or the Memorizing-SAM refiner
+    with its memory, as the command loads them)."""
+    import numpy as np
+
+    from FINESegmentationLib.errors import InputError
+    from FINESegmentationLib.refiner.choice import MEMORIZING_SAM, automatic_refiner
+
+    ijk_to_ras = volume.geometry.ijk_to_ras()
+    held = {"crop": False}
+
+    def apply(clicks, labels, z, current):
+        ras = [(ijk_to_ras @ np.array([*c, 1.0]))[:3] for c in clicks]
+        refiner = automatic_refiner(initial, volume.geometry, box=False, points=ras, positive=np.array(labels, bool))
+        try:
+            if refiner == MEMORIZING_SAM:
+                if not held["crop"]:
+                    memorizing.set_volume(volume, initial)
+                    held["crop"] = True
+                return memorizing.predict(np.array(clicks, float), np.array(labels), use_memory=True, point_space="ijk").paste(initial)
+            return slices.predict(points=np.array(clicks, float), labels=np.array(labels), previous_mask=initial, point_space="ijk").mask
+        except InputError:  # refused (a click outside the refiner's crop, or on an empty slice): the segment stays
+            return None
+
+    return click_curve(volume, initial, target, n_clicks, apply)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real-ct", default=str(REAL_CT), help="folder with ct.nii.gz and labels.nii.gz ('' to skip)")
@@ -162,14 +193,14 @@ def main() -> int:
         changed[name] = value.lower() in ("1", "true", "yes", "on") if isinstance(default, bool) else type(default)(value)
     settings = dataclasses.replace(PropagationSettings(), **changed)
     slice_predictors = {}
-    if "litemedsam-clicks" in args.refiners:
+    if "litemedsam-clicks" in args.refiners or "auto" in args.refiners:
         slice_predictors["litemedsam-clicks"] = SlicePredictor("litemedsam-clicks", settings=settings)
     if "litemedsam-clicks+memory" in args.refiners:
         slice_predictors["litemedsam-clicks+memory"] = SlicePredictor("litemedsam-clicks", memory=args.clicks_memory, settings=settings)
     if "litemedsam" in args.refiners:
         slice_predictors["litemedsam"] = SlicePredictor("litemedsam", settings=settings)
     memorizing = None
-    if any(r.startswith("memorizing-sam") for r in args.refiners):
+    if any(r.startswith("memorizing-sam") or r == "auto" for r in args.refiners):
         from FINESegmentationLib.refiner.predictor import RefinerPredictor
 
         memorizing = RefinerPredictor(None)
@@ -194,7 +225,10 @@ def main() -> int:
             start_mask = initial == organ.label
             per = {}
             for refiner in args.refiners:
-                if refiner in slice_predictors:
+                if refiner == "auto":
+                    curve, seconds, refused = curve_auto(slice_predictors["litemedsam-clicks"], memorizing, volume, start_mask, target,
+                                                         args.clicks)
+                elif refiner in slice_predictors:
                     curve, seconds, refused = curve_litemedsam(slice_predictors[refiner], volume, start_mask, target, args.clicks)
                 else:
                     curve, seconds, refused = curve_memorizing(memorizing, volume, start_mask, target, args.clicks,
