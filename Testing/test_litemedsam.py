@@ -181,6 +181,33 @@ def test_refine_all_keeps_an_organs_outline_where_the_answer_left_it_for_another
         refine_all(predictor, volume, labels, min_cover=1.5)
 
 
+def test_refine_all_asks_more_of_an_answer_where_the_organ_runs_off_the_image(monkeypatch):
+    """An organ cut by the image's edge (a tight field of view): an answer covering half of FINE's organ there
+    replaces it under the general rule (0.3) but not under ``edge_min_cover``; away from the edge nothing changes."""
+    import torch
+
+    predictor = SlicePredictor("litemedsam", cache_slices=1)
+    volume = Volume(np.zeros((2, 64, 64), np.float32), Geometry(spacing=(1.0, 1.0, 3.0)))
+    predictor.set_volume(volume)
+    yy, xx = np.mgrid[:64, :64]
+    at_edge = (np.abs(yy - 32) < 10) & (xx < 20)  # slice 0: FINE's organ runs off the image on the left
+    inside = (np.abs(yy - 32) < 10) & (np.abs(xx - 40) < 10)  # slice 1: the same organ inside the image
+    half = [at_edge & (xx >= 10), inside & (xx >= 40)]  # answers covering half of it on each slice
+    frame = predictor.frame
+    answers = frame.to_frame(np.stack(half))
+    monkeypatch.setattr(predictor, "slice_logits", lambda k, box=None, **kw: (
+        torch.from_numpy(np.where(answers[k], 5.0, -5.0).astype(np.float32)), torch.zeros(1, 1, 256, 256), 0.9))
+    labels = Volume(np.stack([at_edge, inside]).astype(np.uint8) * 5, volume.geometry)
+    general = refine_all(predictor, volume, labels, edge_min_cover=None)
+    assert np.array_equal(general.labels.array[0] == 5, half[0]), "the general rule takes the half answer at the edge"
+    edge = refine_all(predictor, volume, labels, edge_min_cover=0.9)
+    assert np.array_equal(edge.labels.array[0] == 5, at_edge), "at the edge FINE's outline stays: the answer covered half"
+    assert np.array_equal(edge.labels.array[1] == 5, half[1]), "inside the image the general rule still applies"
+    assert edge.report["kept"] == 1 and edge.report["edge_min_cover"] == 0.9
+    with pytest.raises(InputError, match="edge_min_cover must be 0 or more"):
+        refine_all(predictor, volume, labels, edge_min_cover=-0.1)
+
+
 def test_refined_slices_on_thin_slices_are_at_most_the_step_apart_and_take_in_every_organs_ends():
     from FINESegmentationLib.refiner.litemedsam.refine_all import refined_slices
 

@@ -65,6 +65,7 @@ def refined_slices(todo: list[int], source: np.ndarray, spacing_mm: float, step_
 
 def refine_all(predictor: SlicePredictor, volume: Volume, labels: Volume, margin_mm: float = DEFAULT_MARGIN_MM,
                min_cover: float = DEFAULT_MIN_COVER, slice_step_mm: float = DEFAULT_SLICE_STEP_MM,
+               edge_min_cover: float | None = None,
                progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None) -> RefineAllResult:
     """Redraw every organ of ``labels`` (a label map on ``volume``'s grid) slice by slice from its own boxes.
 
@@ -76,6 +77,8 @@ def refine_all(predictor: SlicePredictor, volume: Volume, labels: Volume, margin
         raise InputError("The segmentation does not lie on the CT's voxel grid; resample it onto the CT before refining.")
     if not 0.0 <= min_cover <= 1.0:
         raise InputError(f"min_cover must lie between 0 and 1 (got {min_cover}).")
+    if edge_min_cover is not None and not (np.isfinite(edge_min_cover) and edge_min_cover >= 0):
+        raise InputError(f"edge_min_cover must be 0 or more (above 1: FINE's outline always stays at the image's edge; got {edge_min_cover}).")
     if not (np.isfinite(slice_step_mm) and slice_step_mm >= 0):
         raise InputError(f"slice_step_mm must be 0 (every slice) or a positive number of millimetres (got {slice_step_mm}).")
     start = time.perf_counter()
@@ -91,7 +94,10 @@ def refine_all(predictor: SlicePredictor, volume: Volume, labels: Volume, margin
 
     def guard(logits: torch.Tensor, own: np.ndarray) -> torch.Tensor:
         inside = torch.from_numpy(own)
-        if int((logits[inside] > 0).sum()) < min_cover * int(inside.sum()):
+        need = min_cover
+        if edge_min_cover is not None and (own[0].any() or own[-1].any() or own[:, 0].any() or own[:, -1].any()):
+            need = edge_min_cover
+        if int((logits[inside] > 0).sum()) < need * int(inside.sum()):
             # The answer left the organ: its input outline stays, held against the other organs' answers.
             counts["kept"] += 1
             return torch.where(inside, torch.tensor(float("inf")), torch.tensor(-float("inf")))
@@ -144,6 +150,7 @@ def refine_all(predictor: SlicePredictor, volume: Volume, labels: Volume, margin
         "margin_mm": margin_mm,
         "slice_step_mm": slice_step_mm,
         "min_cover": min_cover,
+        "edge_min_cover": edge_min_cover,
         "embed_s": round(predictor.embed_seconds - embed_before, 3),
         "total_s": round(seconds, 3),
     }
