@@ -372,3 +372,12 @@ def test_the_automatic_choice_sends_each_prompt_to_the_refiner_fine_seg_refine_w
     assert empty.refiner == "litemedsam", "a click on a missing organ: LiteMedSAM, which draws it afresh"
     with pytest.raises(InputError, match="bundled weights"):
         logic.start(ct, segmentation, "liver", device="cpu", refiner="auto", model="litemedsam")
+
+
+def test_the_status_line_names_the_refiner_that_answered():
+    from FINESegmentationRefine.logic import Prompts, RefineResult
+
+    mask = np.zeros((1, 2, 2), bool)
+    slices = RefineResult(mask, mask, Prompts(), "click", False, 0.5, slices=3)
+    crops = RefineResult(mask, mask, Prompts(), "click", True, 0.05, iou=0.9)
+    assert slices.summary().startswith("LiteMedSAM: 3 slice(s) redrawn") and crops.summary().startswith("Memorizing-SAM: IoU estimate 0.90")

@@ -248,7 +248,7 @@ class RefineResult:
         if self.iou is not None:
             return f"Memorizing-SAM: IoU estimate {self.iou:.2f}, {1000 * self.seconds:.0f} ms, {memory}."
         ends = "; ".join(f"{side}: {why}" for side, why in self.stops.items())
-        return (f"{self.slices} slice(s) redrawn in {self.seconds:.1f} s ({self.embed_seconds:.1f} s embedding new slices), "
+        return (f"LiteMedSAM: {self.slices} slice(s) redrawn in {self.seconds:.1f} s ({self.embed_seconds:.1f} s embedding new slices), "
                 f"{memory}" + (f"; {ends}." if ends else "."))
 
 
