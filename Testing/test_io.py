@@ -211,6 +211,36 @@ def test_non_finite_image_raises_input_error(tmp_path, bad_value, extension):
     _assert_one_sentence(error)
 
 
+def test_dicom_export_in_nested_folders_reads_the_largest_series_below(tmp_path, caplog):
+    # An export's patient / study / series folders: the CT is two levels down, beside a three-slice scout.
+    volume = Volume(np.round(_ct_volume().array), OBLIQUE)
+    ct_folder = tmp_path / "PATIENT" / "STUDY" / "SERIES2"
+    scout_folder = tmp_path / "PATIENT" / "STUDY" / "SERIES1"
+    ct_folder.mkdir(parents=True)
+    scout_folder.mkdir(parents=True)
+    _write_dicom_series(ct_folder, volume, "1.2.826.0.1.3680043.2.1125.5")
+    _write_dicom_series(scout_folder, Volume(volume.array[:3].copy(), OBLIQUE), "1.2.826.0.1.3680043.2.1125.6")
+    with caplog.at_level(logging.WARNING, logger=io.logger.name):
+        read = io.read_volume(tmp_path)
+    kept = np.array_equal(read.array, volume.array) and read.geometry.allclose(volume.geometry, atol=1e-4)
+    assert kept, f"nested DICOM export read as {read.shape}, not the {volume.shape} series"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("SERIES2" in m and "1.2.826.0.1.3680043.2.1125.5" in m for m in warnings), warnings
+
+
+def test_cli_takes_a_nested_dicom_export_as_one_case(tmp_path):
+    from FINESegmentationLib.cli import _expand_inputs
+
+    volume = Volume(np.round(_ct_volume().array), OBLIQUE)
+    series = tmp_path / "export" / "PATIENT" / "SERIES"
+    series.mkdir(parents=True)
+    _write_dicom_series(series, volume, "1.2.826.0.1.3680043.2.1125.7")
+    assert _expand_inputs([str(tmp_path / "export")]) == [tmp_path / "export"]
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(InputError, match="neither a DICOM series"):
+        _expand_inputs([str(tmp_path / "empty")])
+
+
 def test_folder_without_dicom_raises_input_error(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(InputError) as error:

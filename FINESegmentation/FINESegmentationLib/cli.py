@@ -75,9 +75,10 @@ _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def _expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given; a folder is one DICOM series, or else every image file inside it."""
+    """Files as given; a folder is one DICOM series, or else every image file inside it, or else one DICOM
+    series found in its subfolders (the one with the most files)."""
     from .errors import InputError
-    from .io import dicom_series_ids
+    from .io import dicom_series_ids, find_dicom_series
 
     cases: list[Path] = []
     for item in inputs:
@@ -86,9 +87,12 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
             raise InputError(f"{item} does not exist; give a CT file (NIfTI, NRRD, MHA) or a DICOM folder.")
         if path.is_dir() and not dicom_series_ids(path):
             found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES) and not p.name.lower().endswith(".seg.nrrd"))
-            if not found:
-                raise InputError(f"The folder {item} holds neither a DICOM series nor image files (.nii.gz, .nrrd, .mha).")
-            cases.extend(found)
+            if found:
+                cases.extend(found)
+            elif find_dicom_series(path):  # an export's patient / study / series folders: one CT
+                cases.append(path)
+            else:
+                raise InputError(f"The folder {item} holds neither a DICOM series (in it or its subfolders) nor image files (.nii.gz, .nrrd, .mha).")
         else:
             cases.append(path)
     return cases

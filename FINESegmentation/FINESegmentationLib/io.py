@@ -119,8 +119,9 @@ def read_volume(path: PathLike, *, kind: Literal["image", "label"] = "image") ->
     a label map stored as floats is accepted only if every value is a whole
     number, and is then returned as ``uint8`` (or ``int32`` if it does not fit).
 
-    For a DICOM folder the series with the most files is read (the files must be
-    directly in the folder); when there are several, a warning names the one chosen.
+    For a DICOM folder the series with the most files is read: those directly in the folder, or
+    else those in its subfolders (an export's patient / study / series folders, up to
+    ``DICOM_SEARCH_DEPTH`` levels down); when there are several, a warning names the one chosen.
 
     Raises :class:`InputError` (one sentence) for a missing path, a file that cannot
     be read, an image that is not a single-channel 3-D volume with at least two
@@ -178,28 +179,51 @@ def dicom_series_ids(folder: PathLike) -> tuple[str, ...]:
         return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
+# How deep below a given folder DICOM series are looked for (patient / study / series exports are 2-3 deep).
+DICOM_SEARCH_DEPTH = 4
+
+
+def find_dicom_series(folder: PathLike) -> list[tuple[Path, str, tuple[str, ...]]]:
+    """The DICOM series directly in ``folder``; when there are none, every series in its subfolders
+    (up to ``DICOM_SEARCH_DEPTH`` levels down, as exports nest patient / study / series folders), in
+    path order: ``(folder, series id, files)``."""
+    def series_in(directory: Path) -> list[tuple[Path, str, tuple[str, ...]]]:
+        return [(directory, sid, tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), sid)))
+                for sid in dicom_series_ids(directory)]
+
+    folder = Path(folder)
+    found = series_in(folder)
+    level = [folder]
+    for _ in range(DICOM_SEARCH_DEPTH if not found else 0):
+        level = sorted(p for d in level for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for directory in level:
+            found.extend(series_in(directory))
+    return found
+
+
 def _read_dicom_folder(folder: Path) -> sitk.Image:
-    series_ids = dicom_series_ids(folder)
-    if not series_ids:
+    series = find_dicom_series(folder)
+    if not series:
         raise InputError(
-            f"{folder} is a folder with no DICOM series in it; choose the folder that directly holds "
-            "the CT's DICOM files, or a NIfTI, NRRD or MetaImage file."
+            f"{folder} is a folder with no DICOM series in it or in its subfolders; choose the folder that "
+            "holds the CT's DICOM files, or a NIfTI, NRRD or MetaImage file."
         )
-    files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
-    chosen = max(series_ids, key=lambda sid: len(files[sid]))
-    if len(series_ids) > 1:
+    where, chosen, files = max(series, key=lambda s: len(s[2]))
+    if len(series) > 1:
         logger.warning(
-            "%s holds %d DICOM series; reading series %s (%d files), the one with the most files.",
-            folder, len(series_ids), chosen, len(files[chosen]),
+            "%s holds %d DICOM series; reading series %s in %s (%d files), the one with the most files.",
+            folder, len(series), chosen, where, len(files),
         )
+    elif where != folder:
+        logger.info("Reading the DICOM series %s in %s.", chosen, where)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files[chosen])
+    reader.SetFileNames(list(files))
     try:
         image = reader.Execute()
     except RuntimeError:
-        logger.debug("SimpleITK could not read DICOM series %s in %s.", chosen, folder, exc_info=True)
+        logger.debug("SimpleITK could not read DICOM series %s in %s.", chosen, where, exc_info=True)
         raise InputError(
-            f"Cannot read the DICOM series {chosen} in {folder}: its files are damaged or not image slices; "
+            f"Cannot read the DICOM series {chosen} in {where}: its files are damaged or not image slices; "
             "export the series again."
         ) from None
     _check_layout(folder, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
