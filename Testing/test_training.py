@@ -83,6 +83,23 @@ def test_partial_field_of_view_positions_are_those_of_sliding_window_inference_o
     assert any(any(p) for p in padded_seen), "sub-volumes smaller than the crop (padded as MONAI pads them) are covered"
 
 
+def test_log_uniform_extents_draw_thin_slabs_more_often_and_stay_within_bounds():
+    shape, crop = (60, 24, 22), (6, 12, 12)
+    case = _numbered_case(shape)
+    # 6 mm slices: the 40 mm minimum is 7 slices; the case is 60 slices long.
+    thin = {}
+    for extent in ("uniform", "log"):
+        sampler = CropSampler([case], crop, -1.0, 0.5, np.random.default_rng(3), fov_probability=1.0,
+                              spacing=(12.0, 12.0, 6.0), fov_extent=extent)
+        z = np.array([(lambda r: r.stop - r.start)(sampler.region(0)[0]) for _ in range(2000)])
+        assert z.min() >= 7 and z.max() <= 60, f"{extent}: slab extents {z.min()}..{z.max()} leave 7..60"
+        thin[extent] = float(np.mean(z <= 14))
+    # Uniform over 7..60: 8 of 54 values are <= 14 (15%); log-uniform: log(15/7) / log(61/7) (35%).
+    assert thin["uniform"] < 0.2 and thin["log"] > 0.3, thin
+    with pytest.raises(ValueError):
+        CropSampler([case], crop, -1.0, 0.5, np.random.default_rng(3), fov_extent="square")
+
+
 def test_a_sub_volume_always_contains_its_crops_and_the_warm_up_crops_share_it():
     shape, crop = (10, 24, 22), (6, 12, 12)
     case = _numbered_case(shape)

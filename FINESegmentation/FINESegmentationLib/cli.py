@@ -299,7 +299,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, config=args.config, window_tokens=not args.no_window_tokens,
         volume_tokens=not (args.no_volume_tokens or args.no_window_tokens), epochs=args.epochs,
         iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed, device=args.device,
-        target_spacing=tuple(args.target_spacing), bank_probability=args.bank_probability, augment=args.augment,
+        target_spacing=tuple(args.target_spacing), bank_probability=args.bank_probability, augment=args.augment, fov_extent=args.fov_extent,
         fov_probability=args.fov_probability, label_map=args.label_map,
         validation_cases=args.hold_out or [], resume=args.resume, init=args.init, progress=not args.quiet, description=args.description,
     )
@@ -467,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "scaling of real CT), light (the demo model's: rotation, scaling, small intensity changes) or none")
     p.add_argument("--fov-probability", type=Number(at_least=0, at_most=1), default=0.5,
                    help="share of samples cut from a random partial field of view (slab, tight or off-centre) of their case")
+    p.add_argument("--fov-extent", choices=["uniform", "log"], default="uniform",
+                   help="how those fields of view's extents are drawn: uniform (default) or log-uniform (as many 40-80 mm "
+                   "slabs as 80-160 mm ones: more thin slabs and tight crops)")
     p.add_argument("--label-map", default="identity", help="bcv, identity, or pairs like 6:5,7:6 (file value:organ value)")
     p.add_argument("--hold-out", nargs="*", metavar="CASE", help="case ids kept out of training")
     p.add_argument("--resume", help="continue from a checkpoint_latest.pt")

@@ -8,7 +8,8 @@ Partial fields of view: most real scans do not cover the abdomen the way the tra
 volumes do (a 40 mm slab, a tight CTA field of view, a scan off-centre), so a crop's
 position must not be its only clue. With ``fov_probability`` a sample first cuts a random
 sub-volume out of the case (z extent from ``MIN_SLAB_MM`` to the full length; in-plane a
-square of ``MIN_IN_PLANE_MM`` up to the full width, anywhere that holds the anchor voxel),
+square of ``MIN_IN_PLANE_MM`` up to the full width, anywhere that holds the anchor voxel; each extent
+drawn uniformly, or log-uniformly with ``fov_extent="log"``),
 and the crop and its position are then taken as inference would take them on a scan that
 covered only that sub-volume. The warm-up crops of a carried bank come from the same
 sub-volume (``region``), as all the crops of one scan do at inference.
@@ -21,6 +22,9 @@ import numpy as np
 
 MIN_SLAB_MM = 40.0  # the thinnest slab in the held-out real data
 MIN_IN_PLANE_MM = 120.0  # a tight CTA-like field of view
+#: How a partial field of view's extents are drawn: uniformly between the minimum and the case's size, or
+#: log-uniformly (thin slabs and tight crops as often as each doubling of the extent).
+FOV_EXTENTS = ("uniform", "log")
 
 Region = tuple[slice, slice, slice]
 
@@ -51,7 +55,11 @@ class CropSampler:
     ``spacing`` (x, y, z) mm); a share ``foreground_fraction`` is centred on an organ voxel."""
 
     def __init__(self, cases, crop: tuple[int, int, int], air: float, foreground_fraction: float, rng: np.random.Generator,
-                 fov_probability: float = 0.0, spacing: tuple[float, float, float] = (3.0, 3.0, 6.0)) -> None:
+                 fov_probability: float = 0.0, spacing: tuple[float, float, float] = (3.0, 3.0, 6.0),
+                 fov_extent: str = "uniform") -> None:
+        if fov_extent not in FOV_EXTENTS:
+            raise ValueError(f"fov_extent must be one of {FOV_EXTENTS}, not {fov_extent!r}")
+        self.fov_extent = fov_extent
         self.crop = np.array(crop)
         self.air = air
         self.fg = foreground_fraction
@@ -67,11 +75,18 @@ class CropSampler:
         if anchor is None:
             anchor = np.array([int(self.rng.integers(s)) for s in shape])
         low = np.minimum(self.min_extent, shape)
-        z = int(self.rng.integers(low[0], shape[0] + 1))
-        side = int(self.rng.integers(max(low[1], low[2]), max(shape[1], shape[2]) + 1))  # square in-plane, like a scan's field of view
+        z = self._extent(low[0], shape[0])
+        side = self._extent(max(low[1], low[2]), max(shape[1], shape[2]))  # square in-plane, like a scan's field of view
         lengths = np.array([z, min(side, shape[1]), min(side, shape[2])])
         starts = [int(self.rng.integers(max(0, a - n + 1), min(a, s - n) + 1)) for a, n, s in zip(anchor, lengths, shape)]
         return tuple(slice(int(s), int(s + n)) for s, n in zip(starts, lengths))
+
+    def _extent(self, low: int, high: int) -> int:
+        """A sub-volume's extent along one axis, ``low``..``high`` voxels: uniform, or log-uniform (``fov_extent``
+        "log": a 40 mm slab as likely as a 40-80 mm one or a 160-320 mm one)."""
+        if self.fov_extent == "uniform" or high <= low:
+            return int(self.rng.integers(low, high + 1))
+        return int(np.clip(np.round(np.exp(self.rng.uniform(np.log(low), np.log(high + 1)))), low, high))
 
     def _organ_voxel(self, organs: dict, region: Region | None = None) -> np.ndarray | None:
         """A voxel of a random organ (of those inside ``region``, when given), or None if there is none."""

@@ -43,7 +43,7 @@ from .errors import InputError
 from .inference import resolve_device
 from .io import read_volume
 from .model import FINE, get_config
-from .sampling import Crop, CropSampler
+from .sampling import FOV_EXTENTS, Crop, CropSampler
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class TrainSettings:
     bank_probability: float = 0.5
     augment: str = "ct"  # "none", "light" (the demo model's) or "ct" (real CT of any scanner and phase)
     fov_probability: float = 0.5  # share of samples cut from a random partial field of view of their case
+    fov_extent: str = "uniform"  # how those fields of view's extents are drawn: "uniform" or "log" (more thin slabs)
     label_map: str = "identity"
     validation_cases: list[str] = field(default_factory=list)  # case ids kept out of training
     resume: str | None = None
@@ -109,7 +110,7 @@ def _distributed() -> tuple[int, int, int]:
 # default optimizer would otherwise load AdamW's state into SGD and fail, or silently change course).
 RUN_SETTINGS = ("config", "window_tokens", "volume_tokens", "iterations", "batch_size", "optimizer", "lr", "momentum",
                 "grad_clip", "seed", "target_spacing", "foreground_fraction", "bank_probability", "augment",
-                "fov_probability", "label_map", "validation_cases")
+                "fov_probability", "fov_extent", "label_map", "validation_cases")
 
 
 def resumed_settings(settings: TrainSettings, payload: dict) -> TrainSettings:
@@ -140,6 +141,8 @@ def train(settings: TrainSettings) -> Path:
         raise InputError(f"Unknown optimizer '{settings.optimizer}'; use sgd or adamw.")
     if settings.augment not in STRENGTHS:
         raise InputError(f"Unknown augmentation '{settings.augment}'; use one of: {', '.join(STRENGTHS)}.")
+    if settings.fov_extent not in FOV_EXTENTS:
+        raise InputError(f"Unknown --fov-extent '{settings.fov_extent}'; use one of: {', '.join(FOV_EXTENTS)}.")
     if not 0.0 <= settings.fov_probability <= 1.0:
         raise InputError(f"--fov-probability must lie between 0 and 1, not {settings.fov_probability:g}.")
     rank, world, local_rank = _distributed()
@@ -212,7 +215,8 @@ def train(settings: TrainSettings) -> Path:
     augment = training_augmentation(settings.augment, info.preprocessing)
     air = (info.preprocessing.clip[0] - info.preprocessing.mean) / info.preprocessing.std
     sampler = CropSampler(prepared, cfg.crop_size, air, settings.foreground_fraction, rng,
-                          fov_probability=settings.fov_probability, spacing=info.preprocessing.target_spacing)
+                          fov_probability=settings.fov_probability, spacing=info.preprocessing.target_spacing,
+                          fov_extent=settings.fov_extent)
     autocast = torch.bfloat16 if device.type == "cuda" else None
 
     info.training = {
