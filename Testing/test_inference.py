@@ -86,6 +86,31 @@ def test_volume_smaller_than_a_crop_is_padded(segmenter):
     assert result.labels.shape == ct.shape and result.report["crops_per_pass"] == 1, "a small volume is one padded crop"
 
 
+def test_a_thin_slab_is_segmented_on_half_the_model_slice_spacing_whatever_its_orientation(segmenter):
+    from FINESegmentationLib.preprocessing import THIN_SLAB_MM, axial_extent_mm, network_spacing
+
+    pre = segmenter.info.preprocessing
+    slab = make_ct(shape=(10, 40, 40), spacing=(4.0, 4.0, 4.0))  # 40 mm along the body
+    whole = make_ct(shape=(24, 40, 40), spacing=(4.0, 4.0, 4.0))  # 96 mm
+    assert axial_extent_mm(slab) == 40.0 and axial_extent_mm(whole) == 96.0 and THIN_SLAB_MM == 60.0
+    assert network_spacing(slab, pre) == (3.0, 3.0, 3.0) and network_spacing(whole, pre) == (3.0, 3.0, 6.0)
+    assert network_spacing(slab, pre, None) == (3.0, 3.0, 6.0), "None turns the rule off"
+    # The same slab stored coronally (voxel axis j along the body, 10 voxels of 4 mm): still 40 mm.
+    coronal = Volume(np.ascontiguousarray(slab.array.transpose(1, 0, 2)),
+                     Geometry((4.0, 4.0, 4.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 0, 1, 0, 1, 0)))
+    assert axial_extent_mm(coronal) == 40.0
+    result = segmenter.segment(slab)
+    assert result.report["thin_slab"] and result.report["network_spacing_xyz"] == [3.0, 3.0, 3.0]
+    assert result.report["network_shape_zyx"][0] == 13 and result.labels.shape == slab.shape
+    assert not segmenter.segment(whole).report["thin_slab"]
+
+
+def test_the_thin_slab_grid_can_be_turned_off(tiny_checkpoint):
+    slab = make_ct(shape=(10, 40, 40), spacing=(4.0, 4.0, 4.0))
+    report = Segmenter(str(tiny_checkpoint), device="cpu", fast=True, thin_slab=False).segment(slab).report
+    assert not report["thin_slab"] and report["network_spacing_xyz"] == [3.0, 3.0, 6.0] and report["network_shape_zyx"][0] == 7
+
+
 @pytest.mark.parametrize(
     "array, message",
     [

@@ -7,7 +7,7 @@ kidney. Held-out synthetic anatomy (a dataset whose root holds ``synth_info.json
 {case_id: {"phase": ..., "fov": ..., ...}}) is also split by contrast phase and by field of
 view. Every model runs as ``fine-seg segment`` runs it by default (what Segment in Slicer
 runs: FINE, then refine-all), or as FINE alone with ``--fine-alone``; each ``--variant NAME=OPTIONS`` adds a run with options (comma-separated: fast, tta,
-largest-component, no-largest-component, stateless, accumulate, refine-all, no-refine-all, nearest-labels, refine-every-slice), for every model or those of
+largest-component, no-largest-component, stateless, accumulate, refine-all, no-refine-all, nearest-labels, refine-every-slice, no-thin-slab), for every model or those of
 ``--variant-models``. Writes real_ct.json and real_ct.md into ``--out``, atomically.
 
     python benchmarks/real_ct.py --model old=fine-tiny-phantom --model new=runs/x/model.pt \\
@@ -44,7 +44,8 @@ from FINESegmentationLib.labels import ORGANS  # noqa: E402
 DEFAULT_REAL = ROOT.parent / "shared" / "data" / "real-ct" / "ts-example-noncontrast"
 OPTIONS = {"fast": {"fast": True}, "tta": {"tta": True}, "no-tta": {"tta": False}, "largest-component": {"largest_component": True}, "no-largest-component": {"largest_component": False}, "stateless": {"bank": "stateless"},
            "accumulate": {"bank": "accumulate"}, "refine-all": {"refine_all": True},
-           "no-refine-all": {"refine_all": False}, "nearest-labels": {"smooth_labels": False}, "refine-every-slice": {"refine_step_mm": 0.0}}
+           "no-refine-all": {"refine_all": False}, "nearest-labels": {"smooth_labels": False}, "refine-every-slice": {"refine_step_mm": 0.0},
+           "no-thin-slab": {"thin_slab": False}}
 GROUPINGS = ("phase", "fov")
 
 

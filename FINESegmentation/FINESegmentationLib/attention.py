@@ -306,7 +306,7 @@ class AttentionMapper:
         t_start = time.perf_counter()
         cfg = self.info.config
         device = self.segmenter.device
-        prepared = prepare(volume, self.info.preprocessing)
+        prepared = prepare(volume, self.info.preprocessing, self.segmenter.network_spacing(volume))  # Segment's grid
         shape = np.array(prepared.array.shape)
         roi = np.array(cfg.crop_size)
         padded = np.maximum(shape, roi)

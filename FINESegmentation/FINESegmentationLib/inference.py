@@ -44,7 +44,15 @@ from .errors import CancelledError, CheckpointError, DeviceError, InputError
 from .io import IMAGE_WRITE_EXTENSIONS, check_output_path, read_volume, write_probabilities, write_segmentation
 from .labels import ORGAN_BY_NAME
 from .model import FINE, VolumeTokenState
-from .preprocessing import PreparedVolume, argmax_on_input_grid, labels_to_input_grid, prepare, probabilities_to_input_grid
+from .preprocessing import (
+    THIN_SLAB_MM,
+    PreparedVolume,
+    argmax_on_input_grid,
+    labels_to_input_grid,
+    network_spacing,
+    prepare,
+    probabilities_to_input_grid,
+)
 from .volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -242,6 +250,8 @@ class Segmenter:
     interpolates between them (``None``: ``DEFAULT_SLICE_STEP_MM``, 3 mm; 0: every slice).
     ``smooth_labels``: labels on the input grid are the argmax of the probabilities resampled linearly (the
     default) or, when False, the network grid's labels resampled nearest-neighbour.
+    ``thin_slab``: a scan shorter than :data:`~.preprocessing.THIN_SLAB_MM` (60 mm) along the body is
+    segmented on a grid of half the model's slice spacing (the default; False: always the model's grid).
     """
 
     def __init__(
@@ -257,6 +267,7 @@ class Segmenter:
         refine_all: bool | None = None,
         refine_step_mm: float | None = None,
         smooth_labels: bool = True,
+        thin_slab: bool = True,
     ) -> None:
         if bank not in BANK_MODES:
             raise InputError(f"Unknown bank mode '{bank}'; use one of: {', '.join(BANK_MODES)}.")
@@ -290,6 +301,7 @@ class Segmenter:
         # Labels on the input grid: argmax of the linearly resampled probabilities (True) or the prepared grid's
         # labels resampled nearest-neighbour (False, the blocks of the model's grid).
         self.smooth_labels = bool(smooth_labels)
+        self.thin_slab = bool(thin_slab)
         from .refiner.litemedsam.refine_all import DEFAULT_SLICE_STEP_MM
 
         step = DEFAULT_SLICE_STEP_MM if refine_step_mm is None else float(refine_step_mm)
@@ -297,6 +309,11 @@ class Segmenter:
             raise InputError(f"The refine-all slice step must be 0 (every slice) or a positive number of millimetres (got {refine_step_mm}).")
         self.refine_step_mm = step
         self._slice_predictor = None  # LiteMedSAM, loaded on the first refine-all
+
+    def network_spacing(self, volume: Volume) -> tuple[float, float, float]:
+        """The grid FINE segments ``volume`` on: the model's, or with half its slice spacing for a thin slab
+        (``thin_slab``; :data:`~.preprocessing.THIN_SLAB_MM`)."""
+        return network_spacing(volume, self.info.preprocessing, THIN_SLAB_MM if self.thin_slab else None)
 
     @property
     def precision(self) -> str:
@@ -309,7 +326,7 @@ class Segmenter:
         ``refine_progress(done, total)`` follows refine-all slice by slice (with ``refine_all``)."""
         times: dict[str, float] = {}
         t0 = time.perf_counter()
-        prepared = prepare(volume, self.info.preprocessing)
+        prepared = prepare(volume, self.info.preprocessing, self.network_spacing(volume))
         times["preprocess"] = time.perf_counter() - t0
         fallbacks: list[str] = []
         probs = self._run_with_fallbacks(prepared, times, progress, cancel, fallbacks)
@@ -451,6 +468,8 @@ class Segmenter:
             "input_shape_zyx": list(volume.shape),
             "input_spacing_xyz": list(volume.geometry.spacing),
             "network_shape_zyx": list(prepared.array.shape),
+            "network_spacing_xyz": [round(float(v), 4) for v in prepared.grid.GetSpacing()],
+            "thin_slab": bool(self.thin_slab and tuple(prepared.grid.GetSpacing()) != tuple(float(v) for v in self.info.preprocessing.target_spacing)),
             "crops_per_pass": self.crops_per_pass,
             "passes": self.passes,
             "timings_s": {k: round(v, 4) for k, v in times.items()},
