@@ -105,3 +105,13 @@ def test_demo_generates_segments_and_scores_a_phantom(capsys, tmp_path, tiny_che
     assert {"phantom_ct.nii.gz", "phantom_ct.seg.nrrd", "phantom_reference.seg.nrrd", "report.json"} <= {p.name for p in (tmp_path / "demo").iterdir()}
     assert "| Method | HD95 (mm) | DSC |" in out and "Segmented in" in out, "the demo prints the time and a Dice table"
     assert "FINE alone" in out, "and says that refine-all was switched off"
+
+
+def test_a_thin_slab_is_reported_on_the_thin_slab_grid(capsys, tmp_path, tiny_checkpoint):
+    slab = write_volume(make_ct(shape=(10, 40, 40), spacing=(4.0, 4.0, 4.0)), tmp_path / "slab.nii.gz")  # 40 mm
+    code, out, err = _run(capsys, slab, "--model", tiny_checkpoint, "-o", tmp_path / "out", "--report", tmp_path / "r.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    report = report[0] if isinstance(report, list) else report
+    assert report["thin_slab"] and report["network_spacing_xyz"] == [3.0, 3.0, 3.0]
+    assert "thin-slab grid 3 x 3 x 3 mm" in out

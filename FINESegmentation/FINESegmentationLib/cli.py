@@ -216,8 +216,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         refined = result.report.get("refine_all")
         refined = (f", refine-all {refined['slices']} slices ({refined['embedded']} embedded) in {refined['total_s']:.1f} s"
                    if refined else "")
+        thin = (" on the thin-slab grid " + " x ".join(f"{v:g}" for v in result.report["network_spacing_xyz"]) + " mm"
+                if result.report.get("thin_slab") else "")
         print(f"{case} -> {target}  ({t['total']:.1f} s on {result.report['device']}, {result.report['bank']} bank, "
-              f"{result.report['crops_per_pass']} crops x {result.report['passes']} pass(es){refined})")
+              f"{result.report['crops_per_pass']} crops x {result.report['passes']} pass(es){thin}{refined})")
     if args.report:
         from .io import write_text_atomically
 
