@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             spacing = seg.info.preprocessing.target_spacing
             seg.network_spacing = lambda volume, s=spacing: (float(s[0]), float(s[1]), float(s[2]) / 2.0)
         # Whole volumes: FINE alone only (the default pipeline's refine-all would take CPU-minutes each).
-        chosen = [(c, g) for c, g in cases if g != "whole volumes" or options["refine_all"] is False]
+        chosen = [(c, g) for c, g in cases if g != "whole volumes" or options.get("refine_all", True) is False]
         t0 = time.perf_counter()
         evaluation = evaluate_cases(seg, [c for c, _ in chosen], progress=False)
         timings[name] = round(time.perf_counter() - t0, 1)
