@@ -191,11 +191,17 @@ def find_dicom_series(folder: PathLike) -> list[tuple[Path, str, tuple[str, ...]
         return [(directory, sid, tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), sid)))
                 for sid in dicom_series_ids(directory)]
 
+    def subfolders(directory: Path) -> list[Path]:
+        try:
+            return [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        except OSError:  # unreadable (permissions): it holds nothing we can read
+            return []
+
     folder = Path(folder)
     found = series_in(folder)
     level = [folder]
     for _ in range(DICOM_SEARCH_DEPTH if not found else 0):
-        level = sorted(p for d in level for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        level = sorted(p for d in level for p in subfolders(d))
         for directory in level:
             found.extend(series_in(directory))
     return found
