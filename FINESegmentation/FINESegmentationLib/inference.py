@@ -469,7 +469,7 @@ class Segmenter:
             "input_spacing_xyz": list(volume.geometry.spacing),
             "network_shape_zyx": list(prepared.array.shape),
             "network_spacing_xyz": [round(float(v), 4) for v in prepared.grid.GetSpacing()],
-            "thin_slab": bool(self.thin_slab and tuple(prepared.grid.GetSpacing()) != tuple(float(v) for v in self.info.preprocessing.target_spacing)),
+            "thin_slab": tuple(prepared.grid.GetSpacing()) != tuple(float(v) for v in self.info.preprocessing.target_spacing),
             "crops_per_pass": self.crops_per_pass,
             "passes": self.passes,
             "timings_s": {k: round(v, 4) for k, v in times.items()},

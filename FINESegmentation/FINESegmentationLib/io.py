@@ -199,8 +199,10 @@ def find_dicom_series(folder: PathLike) -> list[tuple[Path, str, tuple[str, ...]
 
     folder = Path(folder)
     found = series_in(folder)
+    if found:
+        return found
     level = [folder]
-    for _ in range(DICOM_SEARCH_DEPTH if not found else 0):
+    for _ in range(DICOM_SEARCH_DEPTH):
         level = sorted(p for d in level for p in subfolders(d))
         for directory in level:
             found.extend(series_in(directory))
