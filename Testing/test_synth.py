@@ -171,6 +171,26 @@ def test_organ_hu_in_the_images_follow_the_phase(anatomy_dir):
     assert medians["portal-venous", "liver"] > medians["non-contrast", "liver"] + 25, "the liver must enhance in the portal-venous phase"
 
 
+def test_a_fatty_pancreas_turns_part_of_the_pancreas_to_fat_and_changes_nothing_else(anatomy_dir):
+    kw = dict(seed=11, phases=["non-contrast"], fovs=["abdomen"], in_plane=128, max_slices=24)
+    plain = SynthGenerator(anatomy_dir, **kw).generate(0)
+    fatty = SynthGenerator(anatomy_dir, fatty_pancreas=1.0, **kw).generate(0)
+    assert plain.info["pancreas_fat_fraction"] == 0.0
+    assert 0.2 <= fatty.info["pancreas_fat_fraction"] <= 0.6, fatty.info["pancreas_fat_fraction"]
+    assert np.array_equal(plain.label.array, fatty.label.array), "the labels do not change"
+    pancreas = plain.label.array == L["pancreas"]
+    near = ndimage.binary_dilation(pancreas, iterations=4)  # the scanner's blur carries the change a few voxels
+    assert np.array_equal(plain.image.array[~near], fatty.image.array[~near]), "only the pancreas and its edge change"
+    before, after = (float(np.mean(c.image.array[pancreas])) for c in (plain, fatty))
+    assert after < before - 15, f"a fatty pancreas must be darker: mean {before:.0f} -> {after:.0f} HU"
+    fat_before, fat_after = (float(np.mean(c.image.array[pancreas] < -30)) for c in (plain, fatty))
+    assert fat_after > fat_before + 0.1, f"fat lobules must appear in the pancreas (voxels below -30 HU: {fat_before:.2f} -> {fat_after:.2f})"
+    half = [SynthGenerator(anatomy_dir, seed=11, fatty_pancreas=0.5, **SMALL).generate(i).info["pancreas_fat_fraction"] for i in range(8)]
+    assert 0 < sum(f > 0 for f in half) < 8, f"a share of 0.5 must give some fatty and some plain cases: {half}"
+    with pytest.raises(InputError, match="from 0 to 1"):
+        SynthGenerator(anatomy_dir, fatty_pancreas=1.5)
+
+
 def test_info_records_the_written_geometry_and_respects_the_caps(cases):
     for case in cases:
         info, g = case.info, case.image.geometry
@@ -250,6 +270,7 @@ def test_cli_writes_a_dataset_that_the_dataset_reader_reads(anatomy_dir, tmp_pat
         (["--anatomy", "{missing}"], "does not exist"),
         (["--anatomy", "{empty}"], "holds no label maps"),
         (["--cases", "0"], "number of cases"),
+        (["--fatty-pancreas", "2"], "from 0 to 1"),
     ],
 )
 def test_cli_errors_are_one_sentence_and_write_nothing(anatomy_dir, tmp_path, capsys, args, message):

@@ -287,7 +287,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     write_synth_dataset(
         args.out, args.cases, args.seed, anatomy_dir=args.anatomy, split=args.split, phases=args.phase,
         fovs=args.fov, in_plane=args.in_plane, max_slices=args.max_slices, first_index=args.first_index,
-        progress=not args.quiet,
+        progress=not args.quiet, fatty_pancreas=args.fatty_pancreas,
     )
     print(f"Wrote {args.cases} synthetic CT case(s) around the {args.split} anatomy maps to {args.out} "
           f"(nnU-Net layout, synth_info.json) in {time.perf_counter() - start:.0f} s.")
@@ -445,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-plane", type=int, default=DEFAULT_IN_PLANE, help="largest in-plane matrix; larger scans get coarser pixels (default: %(default)s)")
     p.add_argument("--max-slices", type=int, default=DEFAULT_MAX_SLICES, help="largest slice count; longer scans get thicker slices (default: %(default)s)")
     p.add_argument("--first-index", type=int, default=0, help="index of the first case (to extend a dataset)")
+    p.add_argument("--fatty-pancreas", type=float, default=0.0, metavar="SHARE",
+                   help="share of cases (0-1) whose pancreas has fatty infiltration, fat lobules in 20-60%% of it "
+                        "(default: %(default)s, as the sets the shipped model learned)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_synth)
 

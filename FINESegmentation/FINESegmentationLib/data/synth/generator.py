@@ -39,6 +39,10 @@ DEFAULT_IN_PLANE = 256
 DEFAULT_MAX_SLICES = 192
 MIN_IN_PLANE = 32
 MIN_SLICES = 8
+#: A fatty pancreas has this share of its volume (uniform draw) replaced by fat lobules: from visible interlobular
+#: fat to marked lipomatosis. At 40 HU parenchyma and -95 HU fat, 0.35 gives a mean near -7 HU, the pancreas of
+#: the real non-contrast CT in ``../shared/data/real-ct/`` (5th-95th percentile -53 to 37 HU).
+FATTY_PANCREAS_FRACTION = (0.2, 0.6)
 
 
 @dataclass
@@ -59,6 +63,12 @@ def _analysed(path: Path) -> tuple[AnatomyMap, Coarse, OrganDistance]:
     return anatomy, coarse, OrganDistance(coarse)
 
 
+def _check_share(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0.0 <= float(value) <= 1.0:
+        raise InputError(f"The {name} must be a number from 0 to 1, got {value!r}.")
+    return float(value)
+
+
 def _check_int(value, name: str, minimum: int) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         raise InputError(f"The {name} must be an integer of at least {minimum}, got {value!r}.")
@@ -71,6 +81,9 @@ class SynthGenerator:
     ``phases`` / ``fovs`` restrict the contrast phases / fields of view drawn (default: all, with the
     weights of :data:`.intensities.PHASE_WEIGHTS` and :data:`.scanner.FOV_WEIGHTS`). ``in_plane`` and
     ``max_slices`` cap the matrix: larger scans get coarser pixels or slices (``capped`` in the info).
+    ``fatty_pancreas``: the share of cases whose pancreas has fatty infiltration (fat lobules replacing
+    :data:`FATTY_PANCREAS_FRACTION` of it, common in older adults: a non-contrast mean near 0 HU or below);
+    drawn from a second stream, so every other draw of a case is the same whatever this share.
     """
 
     def __init__(
@@ -83,8 +96,10 @@ class SynthGenerator:
         fovs: Sequence[str] | None = None,
         in_plane: int = DEFAULT_IN_PLANE,
         max_slices: int = DEFAULT_MAX_SLICES,
+        fatty_pancreas: float = 0.0,
     ):
         self.seed = _check_int(seed, "seed", 0)
+        self.fatty_pancreas = _check_share(fatty_pancreas, "share of cases with a fatty pancreas")
         self.in_plane = _check_int(in_plane, "in-plane size", MIN_IN_PLANE)
         self.max_slices = _check_int(max_slices, "largest slice count", MIN_SLICES)
         self.phases = tuple(phases) if phases else PHASES
@@ -115,6 +130,9 @@ class SynthGenerator:
         anatomy, coarse, distance = _analysed(path)
         body = plan_body(coarse, rng)
         organs = plan_organs(coarse, body, rng)
+        side = np.random.default_rng([self.seed, index, 1])  # draws added later: the first stream stays as it was
+        if side.random() < self.fatty_pancreas:
+            organs.pancreas_fat_fraction = float(side.uniform(*FATTY_PANCREAS_FRACTION))
         weights = np.array([FOV_WEIGHTS[FOV_KINDS.index(f)] for f in self.fovs])
         fov = self.fovs[int(rng.choice(len(self.fovs), p=weights / weights.sum()))]
         phase = self._draw_phase(rng, fov)
@@ -170,6 +188,7 @@ class SynthGenerator:
             "deformation_max_mm": round(deformation.max_mm, 2),
             "hu": {k: round(v, 1) for k, v in hu.items()},
             "oral_contrast": organs.oral_contrast is not None,
+            "pancreas_fat_fraction": round(organs.pancreas_fat_fraction, 3),
             "arms_in_view": body.arms is not None,
         }
         return SynthCase(Volume(image, geometry), Volume(canvas.label, geometry), info, deformation)
@@ -236,6 +255,7 @@ def write_synth_dataset(
     max_slices: int = DEFAULT_MAX_SLICES,
     first_index: int = 0,
     progress: bool = True,
+    fatty_pancreas: float = 0.0,
 ) -> list[Path]:
     """Writes ``cases`` synthetic CTs in the nnU-Net v2 / MSD layout plus ``synth_info.json``.
 
@@ -247,7 +267,8 @@ def write_synth_dataset(
     cases = _check_int(cases, "number of cases", 1)
     first_index = _check_int(first_index, "first case index", 0)
     generator = SynthGenerator(
-        anatomy_dir, seed, split, phases=phases, fovs=fovs, in_plane=in_plane, max_slices=max_slices
+        anatomy_dir, seed, split, phases=phases, fovs=fovs, in_plane=in_plane, max_slices=max_slices,
+        fatty_pancreas=fatty_pancreas,
     )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -57,6 +57,8 @@ class OrganPlan:
     oral_contrast: float | None = None
     calcified: bool = False
     pancreas_fat: float = 1.6
+    # Fatty infiltration (pancreatic steatosis/lipomatosis): this share of the pancreas becomes fat lobules.
+    pancreas_fat_fraction: float = 0.0
     bowel_fill: float = 0.0
     bowel_gas: float = 2.5
     colon_radius: float = 20.0
@@ -268,6 +270,10 @@ def paint_organs(
             values = hu["pancreas"] + 5.0 * t
             clefts = t > plan.pancreas_fat
             values[clefts] = 0.5 * (hu["pancreas"] + hu["visceral_fat"])
+            if plan.pancreas_fat_fraction > 0 and t.size:
+                # Fat replacing the parenchyma between lobules: the texture's highest share of voxels.
+                fat = t > np.quantile(t, 1.0 - plan.pancreas_fat_fraction)
+                values[fat] = hu["visceral_fat"]
             hu_b[m] = values
         elif value == AORTA:
             hu_b[m] = hu["aorta"]
