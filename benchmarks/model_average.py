@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "FINESegmentation"))
 
 from FINESegmentationLib.data.datasets import find_cases  # noqa: E402
-from FINESegmentationLib.evaluation import case_metrics  # noqa: E402
+from FINESegmentationLib.evaluation import Evaluation, case_metrics  # noqa: E402
 from FINESegmentationLib.inference import Segmenter  # noqa: E402
 from FINESegmentationLib.io import read_volume, write_text_atomically  # noqa: E402
 from FINESegmentationLib.labels import ORGANS  # noqa: E402
@@ -42,13 +42,9 @@ def _named(text: str) -> tuple[str, str]:
 
 
 def _summary(cases: dict[str, dict]) -> dict:
-    organs = {}
-    for o in ORGANS:
-        values = [m[o.name]["dice"] for m in cases.values() if o.name in m]
-        if values:
-            organs[o.name] = float(np.mean(values))
-    per_case = [float(np.mean([v["dice"] for v in m.values()])) for m in cases.values()]
-    return {"organs": organs, "mean_dice": float(np.mean(list(organs.values()))), "per_case_mean_dice": float(np.mean(per_case))}
+    ev = Evaluation("", cases)
+    organs = {o.name: ev.organ_mean(o.name, "dice") for o in ORGANS if any(o.name in m for m in cases.values())}
+    return {"organs": organs, "mean_dice": ev.mean("dice"), "per_case_mean_dice": float(np.mean(list(ev.case_means().values())))}
 
 
 def main(argv: list[str] | None = None) -> int:
