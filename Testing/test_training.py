@@ -175,6 +175,34 @@ def test_training_writes_a_loadable_checkpoint_and_resumes(tmp_path, phantoms):
     assert run["held_out"] == ["phantom_001"], "the run's validation case stays held out"
 
 
+def test_train_command_takes_several_dataset_folders(tmp_path, phantoms):
+    from FINESegmentationLib.cli import main
+    from FINESegmentationLib.data.datasets import find_training_cases
+
+    extra = tmp_path / "extra-set"
+    write_dataset(extra, 1, seed=9, in_plane=64, progress=False)
+    cases = find_training_cases([phantoms, extra])
+    assert [c.case_id for c in cases] == [f"{phantoms.name}/phantom_000", f"{phantoms.name}/phantom_001", "extra-set/phantom_000"], \
+        "the folders' cases in the given order, each id prefixed with its folder's name"
+    assert cases[2].image.parent.parent == extra.resolve() and cases[0].image != cases[2].image, "same-named cases stay apart"
+    assert [c.case_id for c in find_training_cases([phantoms])] == ["phantom_000", "phantom_001"], "one folder: ids as before"
+    code = main(["train", "--data", str(phantoms), str(extra), "--out", str(tmp_path / "run"), "--epochs", "1", "--iterations", "2",
+                 "--device", "cpu", "--optimizer", "adamw", "--lr", "1e-3", "--hold-out", f"{phantoms.name}/phantom_001", "-q"])
+    assert code == 0
+    _, info = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert info.training["cases"] == [f"{phantoms.name}/phantom_000", "extra-set/phantom_000"], "both folders trained on, minus the held-out case"
+    assert info.training["data"] == f"{phantoms.name} + extra-set"
+    twin = tmp_path / "twin" / phantoms.name
+    twin.mkdir(parents=True)
+    with pytest.raises(InputError, match="Two dataset folders are named"):
+        find_training_cases([phantoms, twin])
+    assert main(["train", "--data", str(phantoms), str(twin), "--out", str(tmp_path / "refused"), "--device", "cpu", "-q"]) != 0
+    assert not (tmp_path / "refused").exists(), "a refused run writes nothing"
+    assert main(["train", "--data", str(phantoms), str(extra), "--out", str(tmp_path / "refused"), "--hold-out", "phantom_001",
+                 "--device", "cpu", "-q"]) != 0, "an unprefixed id names no case of several folders"
+    assert not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize("strength", STRENGTHS)
 def test_train_command_runs_with_each_augmentation_and_partial_fields_of_view_and_records_them(tmp_path, phantoms, strength):
     from FINESegmentationLib.cli import main

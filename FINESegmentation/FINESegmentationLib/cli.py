@@ -298,7 +298,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training import TrainSettings, train
 
     settings = TrainSettings(
-        data=args.data, out=args.out, config=args.config, window_tokens=not args.no_window_tokens,
+        data=args.data[0] if len(args.data) == 1 else args.data, out=args.out, config=args.config, window_tokens=not args.no_window_tokens,
         volume_tokens=not (args.no_volume_tokens or args.no_window_tokens), epochs=args.epochs,
         iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed, device=args.device,
         target_spacing=tuple(args.target_spacing), bank_probability=args.bank_probability, augment=args.augment, fov_extent=args.fov_extent,
@@ -452,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("train", help="train a FINE model (one process, or many under torchrun)")
-    p.add_argument("--data", required=True, help="dataset folder: nnU-Net / MSD (imagesTr, labelsTr) or BCV (img, label)")
+    p.add_argument("--data", required=True, nargs="+", metavar="FOLDER",
+                   help="dataset folder(s): nnU-Net / MSD (imagesTr, labelsTr) or BCV (img, label); with several, their cases "
+                   "are trained on together and each case id is prefixed with its folder's name (for --hold-out)")
     p.add_argument("--out", required=True, help="folder for model.pt, checkpoint_latest.pt and training_log.csv")
     p.add_argument("--config", default="fine-tiny", help="fine-tiny, fine-small or fine-base")
     p.add_argument("--no-window-tokens", action="store_true", help="ablation: no window tokens (and so no volume tokens)")

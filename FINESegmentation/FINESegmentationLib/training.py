@@ -38,7 +38,7 @@ from monai.losses import DiceCELoss
 
 from .augmentation import STRENGTHS, training_augmentation
 from .checkpoints import ModelInfo, Preprocessing, read_checkpoint, resolve_model, save_checkpoint
-from .data.datasets import PreparedCase, find_cases, largest_in_plane_size, load_prepared, parse_label_map
+from .data.datasets import PreparedCase, find_training_cases, largest_in_plane_size, load_prepared, parse_label_map
 from .errors import InputError
 from .inference import resolve_device
 from .io import read_volume
@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainSettings:
-    data: str
+    data: str | list[str]  # one dataset folder, or several (their cases in the given order)
     out: str
     config: str = "fine-tiny"
     window_tokens: bool = True
@@ -145,6 +145,16 @@ def train(settings: TrainSettings) -> Path:
         raise InputError(f"Unknown --fov-extent '{settings.fov_extent}'; use one of: {', '.join(FOV_EXTENTS)}.")
     if not 0.0 <= settings.fov_probability <= 1.0:
         raise InputError(f"--fov-probability must lie between 0 and 1, not {settings.fov_probability:g}.")
+    mapping = parse_label_map(settings.label_map)
+    all_cases = find_training_cases(settings.data)
+    held_out = set(settings.validation_cases)
+    unknown = sorted(held_out - {c.case_id for c in all_cases})
+    if unknown:
+        raise InputError(f"Held-out case {unknown[0]} is not in the training data; give case ids as listed there "
+                         "(with several folders: FOLDER/CASE).")
+    cases = [c for c in all_cases if c.case_id not in held_out]
+    if not cases:
+        raise InputError("Every case is held out for validation; leave some for training.")
     rank, world, local_rank = _distributed()
     device = resolve_device(settings.device)
     if device.type == "cuda" and world > 1:
@@ -155,13 +165,6 @@ def train(settings: TrainSettings) -> Path:
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng([settings.seed, rank])
     augment_rng = np.random.default_rng([settings.seed, rank, 1])  # its own stream: the crops drawn do not depend on it
-
-    mapping = parse_label_map(settings.label_map)
-    all_cases = find_cases(settings.data)
-    held_out = set(settings.validation_cases)
-    cases = [c for c in all_cases if c.case_id not in held_out]
-    if not cases:
-        raise InputError("Every case is held out for validation; leave some for training.")
 
     start_epoch = 0
     extra: dict[str, Any] = {}
@@ -220,7 +223,7 @@ def train(settings: TrainSettings) -> Path:
     autocast = torch.bfloat16 if device.type == "cuda" else None
 
     info.training = {
-        "data": str(Path(settings.data).resolve().name),
+        "data": " + ".join(Path(d).resolve().name for d in ([settings.data] if isinstance(settings.data, str) else settings.data)),
         "cases": [c.case_id for c in cases],
         "held_out": sorted(held_out),
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items() if k not in ("data", "out", "resume", "init", "progress", "description")},

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +114,26 @@ class PreparedCase:
     label: np.ndarray  # uint8, organ values
     info: dict
 
+
+
+def find_training_cases(folders: str | Path | list[str | Path]) -> list[CaseFiles]:
+    """The labelled cases of one dataset folder, or of several in the given order.
+
+    With several folders each case id is prefixed with its folder's name (``synth-train/synth_0000``), so
+    cases of the same name in two sets stay apart and ``--hold-out`` can name either; the folders' names must
+    differ.
+    """
+    if isinstance(folders, (str, Path)):
+        return find_cases(folders)
+    folders = [Path(f) for f in folders]
+    if len(folders) == 1:
+        return find_cases(folders[0])
+    names = [f.resolve().name for f in folders]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"Two dataset folders are named {repeated[0]}; give folders with different names "
+                         "(their case ids are prefixed with the folder's name).")
+    return [replace(c, case_id=f"{name}/{c.case_id}") for folder, name in zip(folders, names) for c in find_cases(folder)]
 
 
 def select_cases(root: str | Path, case_ids: list[str] | None = None) -> list[CaseFiles]:
