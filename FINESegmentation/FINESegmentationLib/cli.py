@@ -298,7 +298,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training import TrainSettings, train
 
     settings = TrainSettings(
-        data=args.data[0] if len(args.data) == 1 else args.data, out=args.out, config=args.config, window_tokens=not args.no_window_tokens,
+        data=args.data, out=args.out, config=args.config, window_tokens=not args.no_window_tokens,
         volume_tokens=not (args.no_volume_tokens or args.no_window_tokens), epochs=args.epochs,
         iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed, device=args.device,
         target_spacing=tuple(args.target_spacing), bank_probability=args.bank_probability, augment=args.augment, fov_extent=args.fov_extent,

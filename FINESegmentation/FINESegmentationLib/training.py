@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainSettings:
-    data: str | list[str]  # one dataset folder, or several (their cases in the given order)
+    data: str | Path | list[str | Path]  # one dataset folder, or several (their cases in the given order)
     out: str
     config: str = "fine-tiny"
     window_tokens: bool = True
@@ -223,7 +223,7 @@ def train(settings: TrainSettings) -> Path:
     autocast = torch.bfloat16 if device.type == "cuda" else None
 
     info.training = {
-        "data": " + ".join(Path(d).resolve().name for d in ([settings.data] if isinstance(settings.data, str) else settings.data)),
+        "data": " + ".join(Path(d).resolve().name for d in ([settings.data] if isinstance(settings.data, (str, Path)) else settings.data)),
         "cases": [c.case_id for c in cases],
         "held_out": sorted(held_out),
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items() if k not in ("data", "out", "resume", "init", "progress", "description")},
