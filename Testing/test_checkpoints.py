@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from FINESegmentationLib.checkpoints import (
-    ModelInfo, load_checkpoint, read_registry, resolve_model, save_checkpoint, sha256_of,
+    ModelInfo, average_checkpoints, load_checkpoint, read_registry, resolve_model, save_checkpoint, sha256_of,
 )
+from FINESegmentationLib.cli import main as cli_main
 from FINESegmentationLib.errors import CheckpointError
 from FINESegmentationLib.model import build_model
 
@@ -105,3 +106,45 @@ def test_shipped_models_say_they_are_for_demonstration_only():
         _, info = load_checkpoint(entry.path, entry.sha256)
         assert info.clinical_use is False and "not for clinical use" in info.description, f"{entry.name} is marked demo-only"
         assert "phantom" in info.description, f"{entry.name} says it was trained on synthetic phantoms"
+
+
+def _saved_model(path, seed, visits, **overrides):
+    torch.manual_seed(seed)
+    model = build_model("fine-tiny", **overrides)
+    model.trained_visits.copy_(torch.tensor(visits))
+    save_checkpoint(path, model, ModelInfo(config=model.config, training={"seed": seed}, description=f"model {seed}"))
+    return model
+
+
+def test_averaged_checkpoint_holds_the_mean_weights_and_names_its_sources(tmp_path):
+    a = _saved_model(tmp_path / "a.pt", 1, [5, 0, 7, 0, 0, 0, 0, 0, 0])
+    b = _saved_model(tmp_path / "b.pt", 2, [3, 4, 0, 0, 0, 0, 0, 0, 0])
+    digest = average_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"], tmp_path / "avg.pt", "the average")
+    model, info = load_checkpoint(tmp_path / "avg.pt", digest)
+    sa, sb = a.state_dict(), b.state_dict()
+    differing = 0
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, (sa[key] + sb[key]) / 2, atol=1e-7), f"{key} is the mean of the two models' {key}"
+            differing += not torch.equal(sa[key], sb[key])
+    assert differing > 100, "the two source models differ, so the mean is not one of them"
+    assert model.trained_visits.tolist() == [5, 4, 7, 0, 0, 0, 0, 0, 0], "a grid cell counts as seen if either model saw it"
+    assert info.description == "the average" and info.config == a.config
+    sources = info.training["average_of"]
+    assert [s["sha256"] for s in sources] == [sha256_of(tmp_path / "a.pt"), sha256_of(tmp_path / "b.pt")]
+    assert [s["training"] for s in sources] == [{"seed": 1}, {"seed": 2}]
+
+
+def test_models_that_cannot_be_averaged_are_refused_and_nothing_is_written(tmp_path, capsys):
+    _saved_model(tmp_path / "a.pt", 1, [0] * 9)
+    _saved_model(tmp_path / "wide.pt", 2, [0] * 9, embed_dim=48)
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    out = tmp_path / "avg.pt"
+    with pytest.raises(CheckpointError, match="another architecture"):
+        average_checkpoints([tmp_path / "a.pt", tmp_path / "wide.pt"], out)
+    with pytest.raises(CheckpointError, match="at least two"):
+        average_checkpoints([tmp_path / "a.pt"], out)
+    assert cli_main(["average", str(tmp_path / "a.pt"), str(tmp_path / "broken.pt"), "-o", str(out)]) == 1
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("fine-seg: error:") and "broken.pt" in message and len(message.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "broken.pt", "wide.pt"], "no output, no temporary file"

@@ -226,3 +226,49 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     """Resolve, verify and load a model by registry name or path."""
     path, sha = resolve_model(name_or_path)
     return load_checkpoint(path, sha, device)
+
+
+def average_checkpoints(models: list[str | os.PathLike], out: str | os.PathLike, description: str | None = None) -> str:
+    """Write the average of the weights of FINE checkpoints to ``out``; returns its SHA256.
+
+    Averaging weights (a "model soup", Wortsman et al. 2022) suits models fine-tuned from one parent on
+    different data: one model as cheap to run as each of them. ``models`` are registered names or paths,
+    each verified as ``load_model`` does; they must share the architecture, classes and preprocessing.
+    Floating-point weights are averaged; integer buffers (FINE's count of the volume-grid cells seen in
+    training) take their element-wise maximum. The result records every source (file, SHA256, training)
+    and, unless ``description`` is given, the first model's description. Written atomically."""
+    if len(models) < 2:
+        raise CheckpointError("Give at least two checkpoints to average.")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise CheckpointError(f"The folder of {out} does not exist; create it first.")
+    payloads, sources = [], []
+    for name in models:
+        path, sha = resolve_model(name)
+        payload = read_checkpoint(path, sha)
+        try:
+            info = ModelInfo.from_dict(payload["metadata"])
+            weights = payload["state_dict"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path} is a damaged FINE checkpoint: its metadata does not fit ({str(exc).splitlines()[0][:120]}).") from None
+        payloads.append((path, info, weights))
+        sources.append({"file": path.name, "sha256": sha256_of(path), "description": info.description, "training": info.training})
+    first_path, first, first_weights = payloads[0]
+    for path, info, weights in payloads[1:]:
+        for what, a, b in (("architecture", first.config.to_dict(), info.config.to_dict()),
+                           ("classes", (first.class_names, first.label_values), (info.class_names, info.label_values)),
+                           ("preprocessing", asdict(first.preprocessing), asdict(info.preprocessing))):
+            if a != b:
+                raise CheckpointError(f"{path} has another {what} than {first_path}; only models of one architecture, classes and preprocessing can be averaged.")
+        if weights.keys() != first_weights.keys() or any(weights[k].shape != v.shape for k, v in first_weights.items()):
+            raise CheckpointError(f"{path}'s weights do not have the shapes of {first_path}'s; they cannot be averaged.")
+    averaged = {}
+    for key, value in first_weights.items():
+        stack = torch.stack([w[key] for _, _, w in payloads])
+        averaged[key] = stack.double().mean(0).to(value.dtype) if value.is_floating_point() else stack.amax(0)
+    model = FINE(first.config)
+    model.load_state_dict(averaged, strict=True)
+    info = ModelInfo(config=first.config, class_names=first.class_names, label_values=first.label_values,
+                     preprocessing=first.preprocessing, training={"average_of": sources},
+                     description=first.description if description is None else description, clinical_use=False)
+    return save_checkpoint(out, model, info)

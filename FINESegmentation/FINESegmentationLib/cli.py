@@ -313,6 +313,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_average(args: argparse.Namespace) -> int:
+    from .checkpoints import average_checkpoints
+
+    digest = average_checkpoints(args.models, args.out, args.description)
+    print(f"Averaged model: {args.out} (sha256 {digest})")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, markdown_table, per_case_csv
     from .inference import Segmenter
@@ -485,6 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", default="", help="what the model is (stored in the checkpoint)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("average", help="average the weights of FINE models fine-tuned from one parent (a model soup)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="two or more registered model names or checkpoint paths "
+                   "of one architecture, classes and preprocessing")
+    p.add_argument("-o", "--out", required=True, help="the averaged checkpoint to write")
+    p.add_argument("--description", default=None, help="what the model is (default: the first model's description)")
+    p.set_defaults(func=_cmd_average)
 
     p = sub.add_parser("evaluate", help="Dice and HD95 (mm) per organ on a labelled dataset")
     p.add_argument("--model", default=None, help="registered model name or checkpoint path")
