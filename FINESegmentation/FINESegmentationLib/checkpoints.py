@@ -242,30 +242,24 @@ def average_checkpoints(models: list[str | os.PathLike], out: str | os.PathLike,
     out = Path(out)
     if not out.parent.is_dir():
         raise CheckpointError(f"The folder of {out} does not exist; create it first.")
-    payloads, sources = [], []
+    loaded = []
     for name in models:
         path, sha = resolve_model(name)
-        payload = read_checkpoint(path, sha)
-        try:
-            info = ModelInfo.from_dict(payload["metadata"])
-            weights = payload["state_dict"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path} is a damaged FINE checkpoint: its metadata does not fit ({str(exc).splitlines()[0][:120]}).") from None
-        payloads.append((path, info, weights))
-        sources.append({"file": path.name, "sha256": sha256_of(path), "description": info.description, "training": info.training})
-    first_path, first, first_weights = payloads[0]
-    for path, info, weights in payloads[1:]:
+        model, info = load_checkpoint(path, sha)
+        loaded.append((path, info, model.state_dict()))
+    first_path, first, _ = loaded[0]
+    for path, info, _ in loaded[1:]:
         for what, a, b in (("architecture", first.config.to_dict(), info.config.to_dict()),
                            ("classes", (first.class_names, first.label_values), (info.class_names, info.label_values)),
                            ("preprocessing", asdict(first.preprocessing), asdict(info.preprocessing))):
             if a != b:
                 raise CheckpointError(f"{path} has another {what} than {first_path}; only models of one architecture, classes and preprocessing can be averaged.")
-        if weights.keys() != first_weights.keys() or any(weights[k].shape != v.shape for k, v in first_weights.items()):
-            raise CheckpointError(f"{path}'s weights do not have the shapes of {first_path}'s; they cannot be averaged.")
     averaged = {}
-    for key, value in first_weights.items():
-        stack = torch.stack([w[key] for _, _, w in payloads])
+    for key, value in loaded[0][2].items():
+        stack = torch.stack([weights[key] for _, _, weights in loaded])
         averaged[key] = stack.double().mean(0).to(value.dtype) if value.is_floating_point() else stack.amax(0)
+    sources = [{"file": path.name, "sha256": sha256_of(path), "description": info.description, "training": info.training}
+               for path, info, _ in loaded]
     model = FINE(first.config)
     model.load_state_dict(averaged, strict=True)
     info = ModelInfo(config=first.config, class_names=first.class_names, label_values=first.label_values,
