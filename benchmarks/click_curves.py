@@ -260,7 +260,8 @@ def render(results: dict, refiners: list[str]) -> str:
                   "| refiner | organs | " + " | ".join(f"{s} clicks" for s in steps) + " | median s per click |",
                   "|---|---|" + "---|" * (len(steps) + 1)]
         for refiner in refiners:
-            for label, names in (("spleen, kidneys, liver", TARGET_ORGANS), ("all organs", None)):
+            only_target = all(name in TARGET_ORGANS for c in cases for name in c["organs"])
+            for label, names in (("spleen, kidneys, liver", TARGET_ORGANS),) + ((("all organs", None),) if not only_target else ()):
                 curves = [o[refiner]["dice"] for c in cases for name, o in c["organs"].items()
                           if refiner in o and (names is None or name in names)]
                 times = [o[refiner]["median_click_s"] for c in cases for o in c["organs"].values()
@@ -270,7 +271,8 @@ def render(results: dict, refiners: list[str]) -> str:
                 mean = np.mean(np.array(curves), axis=0)
                 timing = f" | {np.median(times):.2f} |" if times else " | - |"
                 lines.append(f"| {refiner} | {label} | " + " | ".join(f"{100 * mean[s]:.1f}" for s in steps) + timing)
-        lines += ["", "Per organ (Dice % at 0 / 1 / 3 / 5 / 10 clicks):", "",
+        shown = [s for s in (0, 1, 3, 5, 10) if s <= results["clicks"]]
+        lines += ["", f"Per organ (Dice % at {' / '.join(map(str, shown))} clicks):", "",
                   "| organ | " + " | ".join(refiners) + " |", "|---|" + "---|" * len(refiners)]
         organ_names = list(dict.fromkeys(n for c in cases for n in c["organs"]))
         for name in organ_names:
@@ -278,7 +280,7 @@ def render(results: dict, refiners: list[str]) -> str:
             for refiner in refiners:
                 curves = [c["organs"][name][refiner]["dice"] for c in cases if name in c["organs"] and refiner in c["organs"][name]]
                 mean = np.mean(np.array(curves), axis=0)
-                cells.append(" / ".join(f"{100 * mean[s]:.0f}" for s in (0, 1, 3, 5, 10) if s < len(mean)))
+                cells.append(" / ".join(f"{100 * mean[s]:.0f}" for s in shown))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
