@@ -2,7 +2,7 @@
 
 What is stored (:func:`build_slice_memory`): for every example, an organ on a labelled slice, the keys and
 values that the chosen attention ``site`` of the two-way transformer (:mod:`.transformer`) computes when
-the example is prompted by its reference box, enlarged by ``box_margin_mm`` as refine-all prompts. The
+the example is prompted by its reference box, enlarged by ``box_margin_mm`` (3 mm: the best margin around a reference box). The
 sides that stand for the image (the keys and values of a tokens -> image attention) are resampled
 bilinearly to a ``roi_grid`` x ``roi_grid`` grid inside the box: the organ and its rim, as the paper's
 memory holds crops centred on the label, at a fixed size per example. The sides that stand for the
