@@ -115,14 +115,18 @@ def main() -> int:
                 r["s"] = round(time.perf_counter() - t, 1)
             print(case, name, res.report["kept"], f"{100 * np.nanmean(r[name]['dice']):.1f}", flush=True)
         results[case] = r
-    meta = {"model": f"{segmenter.model_name} (sha256 {segmenter.model_sha256[:12]})",
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s)",
-            "command": "python benchmarks/refine_all_edge.py " + " ".join(sys.argv[1:])}
-    data = {"meta": meta, "variants": variants, "results": results}
-    out = Path(args.out)
-    write_text_atomically(out / "refine_all_edge.json", json.dumps(data, indent=1))
-    write_text_atomically(out / "refine_all_edge.md", render(results, variants, meta))
+    save(Path(args.out), "refine_all_edge", segmenter, args.threads, variants, results, render)
     return 0
+
+
+def save(out: Path, name: str, segmenter: Segmenter, threads: int, variants: list[str], results: dict, render) -> None:
+    """Write ``name``.json (meta, variants, results) and ``name``.md (``render(results, variants, meta)``) into ``out``, atomically."""
+    meta = {"model": f"{segmenter.model_name} (sha256 {segmenter.model_sha256[:12]})",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s)",
+            "command": f"python benchmarks/{name}.py " + " ".join(sys.argv[1:])}
+    data = {"meta": meta, "variants": variants, "results": results}
+    write_text_atomically(out / f"{name}.json", json.dumps(data, indent=1))
+    write_text_atomically(out / f"{name}.md", render(results, variants, meta))
 
 
 if __name__ == "__main__":

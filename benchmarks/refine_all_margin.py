@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import warnings
@@ -28,10 +26,11 @@ sys.path.insert(0, str(ROOT / "FINESegmentation"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from FINESegmentationLib.inference import Segmenter  # noqa: E402
-from FINESegmentationLib.io import read_volume, write_text_atomically  # noqa: E402
+from FINESegmentationLib.io import read_volume  # noqa: E402
 from FINESegmentationLib.labels import ORGANS  # noqa: E402
 from FINESegmentationLib.refiner.litemedsam.predictor import SlicePredictor  # noqa: E402
 from FINESegmentationLib.refiner.litemedsam.refine_all import DEFAULT_MARGIN_MM, refine_all  # noqa: E402
+from refine_all_edge import save  # noqa: E402
 
 REAL_CT = ROOT.parent / "shared" / "data" / "real-ct" / "ts-example-noncontrast"
 SHORT = ["Sp", "RKi", "LKi", "Gb", "Li", "St", "Ao", "Pa"]
@@ -116,13 +115,7 @@ def main() -> int:
                 r["s"] = round(time.perf_counter() - t, 1)
             print(case, name, f"{100 * np.nanmean(r[name]):.1f}", flush=True)
         results[case] = r
-    meta = {"model": f"{segmenter.model_name} (sha256 {segmenter.model_sha256[:12]})",
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s)",
-            "command": "python benchmarks/refine_all_margin.py " + " ".join(sys.argv[1:])}
-    data = {"meta": meta, "variants": variants, "results": results}
-    out = Path(args.out)
-    write_text_atomically(out / "refine_all_margin.json", json.dumps(data, indent=1))
-    write_text_atomically(out / "refine_all_margin.md", render(results, variants, meta))
+    save(Path(args.out), "refine_all_margin", segmenter, args.threads, variants, results, render)
     return 0
 
 
