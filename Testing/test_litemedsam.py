@@ -15,6 +15,7 @@ import pytest
 from FINESegmentationLib.checkpoints import read_registry, sha256_of
 from FINESegmentationLib.cli import main
 from FINESegmentationLib.errors import CheckpointError, InputError
+from FINESegmentationLib.inference import Segmenter
 from FINESegmentationLib.io import read_segmentation, read_volume, write_segmentation
 from FINESegmentationLib.labels import ORGAN_BY_NAME
 from FINESegmentationLib.refiner.litemedsam.build import KIND, load_litemedsam
@@ -389,8 +390,18 @@ def test_segment_refine_all_switch_redraws_fines_organs_on_the_input_grid(tmp_pa
                    "-o", str(out), "--report", str(report), *(["--refine-step", step] if step else [])])
         assert rc == 0, capsys.readouterr().err
         assert json.loads(report.read_text())["refine_all"]["slice_step_mm"] == expected, f"--refine-step {step} reaches refine-all"
+    for margin, expected in ((None, 8.0), ("0", 0.0), ("12", 12.0)):
+        rc = main(["segment", "-q", "--device", "cpu", "--fast", "--refine-all", "--model", str(tiny_checkpoint), str(source),
+                   "-o", str(out), "--report", str(report), *(["--refine-margin", margin] if margin else [])])
+        assert rc == 0, capsys.readouterr().err
+        assert json.loads(report.read_text())["refine_all"]["margin_mm"] == expected, f"--refine-margin {margin} reaches refine-all"
     before = out.read_bytes()
     capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "-q", "--device", "cpu", "--model", str(tiny_checkpoint), "--refine-margin", "-1", str(source), "-o", str(out)])
+    assert exit_info.value.code == 2 and "out of range" in capsys.readouterr().err
+    with pytest.raises(InputError, match="box margin must be 0 or a positive number"):
+        Segmenter(str(tiny_checkpoint), device="cpu", refine_margin_mm=float("nan"))
     rc = main(["segment", "-q", "--device", "cpu", "--model", str(tiny_checkpoint), "--refine-step", "-2", str(source), "-o", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "slice step must be 0" in err and len(err.splitlines()) == 1, err

@@ -248,6 +248,8 @@ class Segmenter:
     default): on, unless ``fast`` (then FINE alone: the fast mode keeps FINE's CPU time).
     ``refine_step_mm``: on slices thinner than this, refine-all embeds slices at most this far apart and
     interpolates between them (``None``: ``DEFAULT_SLICE_STEP_MM``, 3 mm; 0: every slice).
+    ``refine_margin_mm``: how far refine-all enlarges each organ's box on a slice around FINE's voxels there
+    before LiteMedSAM is asked (``None``: ``DEFAULT_MARGIN_MM``, 8 mm; 0: FINE's own box).
     ``smooth_labels``: labels on the input grid are the argmax of the probabilities resampled linearly (the
     default) or, when False, the network grid's labels resampled nearest-neighbour.
     ``thin_slab``: a scan shorter than :data:`~.preprocessing.THIN_SLAB_MM` (60 mm) along the body is
@@ -266,6 +268,7 @@ class Segmenter:
         overlap: float | None = None,
         refine_all: bool | None = None,
         refine_step_mm: float | None = None,
+        refine_margin_mm: float | None = None,
         smooth_labels: bool = True,
         thin_slab: bool = True,
     ) -> None:
@@ -302,12 +305,16 @@ class Segmenter:
         # labels resampled nearest-neighbour (False, the blocks of the model's grid).
         self.smooth_labels = bool(smooth_labels)
         self.thin_slab = bool(thin_slab)
-        from .refiner.litemedsam.refine_all import DEFAULT_SLICE_STEP_MM
+        from .refiner.litemedsam.refine_all import DEFAULT_MARGIN_MM, DEFAULT_SLICE_STEP_MM
 
         step = DEFAULT_SLICE_STEP_MM if refine_step_mm is None else float(refine_step_mm)
         if not (np.isfinite(step) and step >= 0):
             raise InputError(f"The refine-all slice step must be 0 (every slice) or a positive number of millimetres (got {refine_step_mm}).")
         self.refine_step_mm = step
+        margin = DEFAULT_MARGIN_MM if refine_margin_mm is None else float(refine_margin_mm)
+        if not (np.isfinite(margin) and margin >= 0):
+            raise InputError(f"The refine-all box margin must be 0 or a positive number of millimetres (got {refine_margin_mm}).")
+        self.refine_margin_mm = margin
         self._slice_predictor = None  # LiteMedSAM, loaded on the first refine-all
 
     def network_spacing(self, volume: Volume) -> tuple[float, float, float]:
@@ -353,7 +360,7 @@ class Segmenter:
             if self._slice_predictor is None:
                 # Boxes only: the published weights (their box-only Dice on the real CT is the higher one, README).
                 self._slice_predictor = SlicePredictor("litemedsam", device=self.device)
-            refined = refine_all(self._slice_predictor, volume, result_labels, slice_step_mm=self.refine_step_mm,
+            refined = refine_all(self._slice_predictor, volume, result_labels, margin_mm=self.refine_margin_mm, slice_step_mm=self.refine_step_mm,
                                  progress=refine_progress, cancel=cancel)
             result_labels = refined.labels
             times["refine_all"] = time.perf_counter() - t0
