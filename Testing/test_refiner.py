@@ -204,6 +204,27 @@ def test_points_in_ras_and_ijk_give_the_same_answer(predictor, case):
     assert np.array_equal(a.mask, b.mask), "RAS millimetres and voxel indices address the same voxel"
 
 
+def test_a_click_changes_the_segment_only_within_its_reach(predictor, case):
+    segment = case.label.array == LIVER
+    predictor.set_volume(case.image, segment)
+    click = np.argwhere(segment).mean(axis=0)[::-1]  # (x, y, z) index
+    whole = predictor.predict([click], [1], point_space="ijk", reach_mm=None)
+    reach = 2.5 * max(case.image.geometry.spacing)
+    local = predictor.predict([click], [1], point_space="ijk", reach_mm=reach)
+    box = whole.box
+    z, y, x = np.meshgrid(*[np.arange(b.start, b.stop) for b in box], indexing="ij")
+    sx, sy, sz = case.image.geometry.spacing
+    near = ((x - click[0]) * sx) ** 2 + ((y - click[1]) * sy) ** 2 + ((z - click[2]) * sz) ** 2 <= reach ** 2
+    assert near.any() and (~near).any()
+    assert (whole.mask != segment[box])[~near].any(), "without a reach the answer redraws the segment far from the click"
+    assert np.array_equal(local.mask[~near], segment[box][~near]), "beyond the reach the segment stays as it was"
+    inside = near & predictor._inside
+    assert np.array_equal(local.mask[inside], whole.mask[inside]), "within the reach the refiner's answer is taken"
+    assert np.array_equal(predictor.predict(np.zeros((0, 3)), [], point_space="ijk").mask, segment[box]), "no click, no change"
+    with pytest.raises(InputError, match="reach must be a positive number"):
+        predictor.predict([click], [1], point_space="ijk", reach_mm=0.0)
+
+
 def test_clicks_outside_the_volume_and_empty_segments_are_refused_in_one_sentence(predictor, case):
     with pytest.raises(InputError, match="segment to refine is empty"):
         predictor.set_volume(case.image, np.zeros(case.image.shape, bool))
@@ -253,6 +274,26 @@ def test_cli_refine_writes_the_refined_segment_and_keeps_the_others(cli_case, re
     others = (before != LIVER) & (before != 0) & (after != LIVER)
     assert np.array_equal(after[others], before[others]), "other segments keep their labels where the liver did not grow"
     assert not np.any((after != before) & (after != LIVER) & (before != LIVER)), "only the liver changed"
+
+
+def test_cli_refine_click_reach_limits_the_change_and_0_lifts_it(cli_case, refiner_file, memory_file, tmp_path, capsys):
+    folder, ct, seg, points, ras = cli_case
+    base = ["refine", str(ct), "--seg", str(seg), "--segment", "liver", "--points", str(points), "--model", str(refiner_file), "--memory", str(memory_file)]
+    changed = {}
+    for reach in ("10", "0"):
+        out = tmp_path / f"reach{reach}.seg.nrrd"
+        assert main(base + ["-o", str(out), "--click-reach", reach]) == 0, capsys.readouterr().err
+        changed[reach] = (read_segmentation(out).array == LIVER) != (read_segmentation(seg).array == LIVER)
+    to_ras = read_segmentation(seg).geometry.ijk_to_ras()
+    moved = (to_ras @ np.c_[np.argwhere(changed["10"])[:, ::-1], np.ones(int(changed["10"].sum()))].T).T[:, :3]
+    clicks = np.array([ras, ras + [5.0, 0.0, 0.0]])
+    nearest = np.linalg.norm(moved[:, None] - clicks[None], axis=2).min(axis=1)
+    assert changed["10"].any() and nearest.max() <= 10.0 + 1e-6, "with --click-reach 10 nothing changes farther than 10 mm from a click"
+    assert changed["0"].sum() > changed["10"].sum(), "--click-reach 0 lets the answer change the whole crop"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(base + ["-o", str(tmp_path / "bad.seg.nrrd"), "--click-reach", "-5"])
+    assert exit_info.value.code == 2 and "out of range" in capsys.readouterr().err and not (tmp_path / "bad.seg.nrrd").exists()
 
 
 @pytest.mark.parametrize("problem, message", [
@@ -361,7 +402,7 @@ def test_every_voxel_of_the_box_is_clickable_and_oblique_corners_keep_the_previo
     g = case.image.geometry
     oblique = Geometry(g.spacing, g.origin, (c, -s, 0, s, c, 0, 0, 0, 1))
     predictor.set_volume(Volume(case.image.array, oblique), segment)
-    result = predictor.predict(np.zeros((0, 3)), [])
+    result = predictor.predict(np.zeros((0, 3)), [], reach_mm=None)
     outside = ~predictor._inside
     assert outside.any(), "an oblique grid's box has corners outside the cube"
     assert np.array_equal(result.mask[outside], segment[result.box][outside]), "voxels outside the cube keep the previous mask"

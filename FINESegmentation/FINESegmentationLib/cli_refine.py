@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .cli_arguments import Number
+from .refiner.config import DEFAULT_REACH_MM
 
 
 def _refiner_predictor(args: argparse.Namespace):
@@ -116,7 +117,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             raise InputError(f"The segment '{organ.name}' in {args.seg} is empty inside the volume; draw a box around the organ (--box) to create it.")
         predictor = _refiner_predictor(args)
         predictor.set_volume(volume, segment)
-        result = predictor.predict(points, positive.astype(int), use_memory=predictor.has_memory)
+        result = predictor.predict(points, positive.astype(int), use_memory=predictor.has_memory, reach_mm=args.click_reach or None)
         mask = result.paste(segment)
         memory = f"memory {predictor.memory_name}" if result.used_memory else "no memory"
         changed = _write_refined(labels, segment, mask, organ, volume, output)
@@ -190,7 +191,8 @@ def _cmd_refiner_evaluate(args: argparse.Namespace) -> int:
             check_output_path(target, (".csv", ".md"))
     predictor = _refiner_predictor(args)
     modes = (False, True) if predictor.has_memory else (False,)
-    curves = click_curves(predictor, args.data, args.cases, args.clicks, modes, args.seed, progress=not args.quiet, initial=args.initial)
+    curves = click_curves(predictor, args.data, args.cases, args.clicks, modes, args.seed, progress=not args.quiet, initial=args.initial,
+                          reach_mm=args.click_reach or None)
     table = curves.markdown()
     if curves.missed:
         table += f"\n\n{len(curves.missed)} organ(s) had an empty initial segment (nothing to refine): " + \
@@ -226,6 +228,9 @@ def add_refiner_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory", default=None, help="registered memory name or memory file (Memorizing-SAM default: the refiner's "
                    "registered memory; LiteMedSAM default: none, see README for why)")
     p.add_argument("--no-memory", action="store_true", help="refine without a memory")
+    p.add_argument("--click-reach", type=Number(at_least=0), default=DEFAULT_REACH_MM, metavar="MM",
+                   help=f"Memorizing-SAM: the answer changes the segment only within MM of a click (default {DEFAULT_REACH_MM:g}; "
+                   "0: anywhere in the refiner's crop)")
     p.set_defaults(func=_cmd_refine)
 
     p = sub.add_parser("refiner-train", help="train a Memorizing-SAM refiner on a labelled dataset with simulated clicks")
@@ -276,5 +281,8 @@ def add_refiner_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=Number(int, at_least=0), default=0, help="seed of the initial masks and the random clicks")
     p.add_argument("--csv", help="write one row per case, organ, memory mode and click count")
     p.add_argument("--markdown", help="write the table as markdown")
+    p.add_argument("--click-reach", type=Number(at_least=0), default=DEFAULT_REACH_MM, metavar="MM",
+                   help=f"Memorizing-SAM: as refine: the answer changes the segment only within MM of a click (default {DEFAULT_REACH_MM:g}; "
+                   "0: anywhere in the refiner's crop)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_refiner_evaluate)

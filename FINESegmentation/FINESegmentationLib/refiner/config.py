@@ -13,6 +13,12 @@ from typing import Any
 
 from ..errors import CheckpointError
 
+DEFAULT_REACH_MM = 20.0
+"""``RefinerPredictor.predict(reach_mm=...)``: an answer replaces the segment only this close to a click (mm). The
+refiner draws the whole organ again on its coarse crop (2.5 mm voxels or more), so without a reach a click that
+fixes one spot also coarsens the rest of a segment that refine-all drew at full resolution (README, "A click's
+reach")."""
+
 
 @dataclass(frozen=True)
 class RefinerConfig:

@@ -30,6 +30,7 @@ import torch
 from ..errors import InputError
 from ..volume import Geometry, Volume
 from .build import load_refiner
+from .config import DEFAULT_REACH_MM
 from .crop import CropGrid, box_on_grid, crop_for_segment, image_crop, inside_cube, logits_to_box, mask_crop
 from .memory import ExternalMemory, RetrievedMemory
 
@@ -166,8 +167,9 @@ class RefinerPredictor:
 
     # ------------------------------------------------------------------ predict
 
-    def _crop_points(self, points: np.ndarray, point_space: str) -> np.ndarray:
-        """(N, 3) RAS mm or input ijk -> (N, 3) crop voxel (x, y, z), refusing points outside the volume or the crop."""
+    def _crop_points(self, points: np.ndarray, point_space: str) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 3) RAS mm or input ijk -> ((N, 3) crop voxel (x, y, z), (N, 3) input ijk), refusing points outside the
+        volume or the crop."""
         geometry: Geometry = self._volume.geometry
         if point_space == "ras":
             ijk = np.array([geometry.ras_to_ijk(p) for p in points]).reshape(-1, 3)
@@ -189,7 +191,19 @@ class RefinerPredictor:
                     f"Click {n + 1} lies outside the {side:.0f} mm cube the refiner sees around the segment; "
                     "click closer to the segment, or extend the segment to that region first."
                 )
-        return voxels
+        return voxels, ijk
+
+    def _near_clicks(self, ijk: np.ndarray, reach_mm: float) -> np.ndarray:
+        """bool [z, y, x] of the crop box: the voxels within ``reach_mm`` of a click (input ijk (N, 3))."""
+        spacing = np.asarray(self._volume.geometry.spacing, dtype=np.float64)  # (x, y, z); the axes are orthonormal
+        axes = [np.arange(b.start, b.stop, dtype=np.float64) for b in self._box]  # z, y, x
+        near = np.zeros(tuple(len(a) for a in axes), bool)
+        for i, j, k in ijk:
+            dz = ((axes[0] - k) * spacing[2])[:, None, None] ** 2
+            dy = ((axes[1] - j) * spacing[1])[None, :, None] ** 2
+            dx = ((axes[2] - i) * spacing[0])[None, None, :] ** 2
+            near |= dz + dy + dx <= reach_mm * reach_mm
+        return near
 
     def _previous_crop(self, previous_mask: np.ndarray | None) -> tuple[torch.Tensor, np.ndarray]:
         """(previous mask in the crop (1, 1, S, S, S), previous mask in the box [z, y, x] bool)."""
@@ -213,7 +227,7 @@ class RefinerPredictor:
 
     def predict(self, points: Sequence[Sequence[float]] | np.ndarray, labels: Sequence[int] | np.ndarray,
                 previous_mask: np.ndarray | None = None, use_memory: bool = True, point_space: str = "ras",
-                multimask: bool = False) -> RefinerResult:
+                multimask: bool = False, reach_mm: float | None = DEFAULT_REACH_MM) -> RefinerResult:
         """Refine the segment with clicks.
 
         points: (N, 3) in RAS mm, or (i, j, k) voxel indices with ``point_space="ijk"``; N may be 0.
@@ -223,6 +237,9 @@ class RefinerPredictor:
         use_memory: use the memory attention (ignored when no memory is loaded).
         multimask: answer with the best (by predicted IoU) of SAM's three single-click masks
         instead of the mask that answers all clicks together.
+        reach_mm: the answer replaces the previous mask only within this many millimetres of a click;
+        farther away the previous mask stays (so no clicks change nothing). None: the whole crop box, as
+        the refiner drew it.
         """
         self._require_volume()
         start = time.perf_counter()
@@ -232,7 +249,9 @@ class RefinerPredictor:
             raise InputError(f"{len(points)} clicks but {len(labels)} labels; give one label (1 add, 0 remove) per click.")
         if len(labels) and not np.isin(labels, (0, 1)).all():
             raise InputError("Click labels must be 1 (add to the segment) or 0 (remove from it).")
-        voxels = self._crop_points(points, point_space)
+        if reach_mm is not None and not (np.isfinite(reach_mm) and reach_mm > 0):
+            raise InputError(f"A click's reach must be a positive number of millimetres, got {reach_mm}; give None for the whole crop.")
+        voxels, ijk = self._crop_points(points, point_space)
         previous, previous_box = self._previous_crop(previous_mask)
         used_memory = bool(use_memory and self.memory is not None)
         prepared = time.perf_counter()
@@ -245,7 +264,8 @@ class RefinerPredictor:
         decoded = time.perf_counter()
         index = 1 + int(torch.argmax(iou[0, 1:])) if multimask else 0
         logits = masks[0, index].float().cpu().numpy()
-        mask = np.where(self._inside, logits_to_box(logits, self._crop, self._volume.geometry, self._box) > 0, previous_box)
+        changeable = self._inside if reach_mm is None else self._inside & self._near_clicks(ijk, reach_mm)
+        mask = np.where(changeable, logits_to_box(logits, self._crop, self._volume.geometry, self._box) > 0, previous_box)
         done = time.perf_counter()
         return RefinerResult(mask, self._box, float(iou[0, index]), used_memory,
                              {"prompts_s": prepared - start, "decoder_s": decoded - prepared, "to_volume_s": done - decoded, "total_s": done - start})
