@@ -204,25 +204,39 @@ def test_points_in_ras_and_ijk_give_the_same_answer(predictor, case):
     assert np.array_equal(a.mask, b.mask), "RAS millimetres and voxel indices address the same voxel"
 
 
-def test_a_click_changes_the_segment_only_within_its_reach(predictor, case):
+@pytest.mark.parametrize("label", [1, 0])
+def test_a_click_changes_the_segment_only_within_its_reach(predictor, case, label):
+    from scipy import ndimage
+
+    from FINESegmentationLib.refiner.config import REACH_SEARCH_MM
+
     segment = case.label.array == LIVER
     predictor.set_volume(case.image, segment)
-    click = np.argwhere(segment).mean(axis=0)[::-1]  # (x, y, z) index
-    whole = predictor.predict([click], [1], point_space="ijk", reach_mm=None)
-    reach = 2.5 * max(case.image.geometry.spacing)
-    local = predictor.predict([click], [1], point_space="ijk", reach_mm=reach)
+    sx, sy, sz = case.image.geometry.spacing
+    depth_map = ndimage.distance_transform_edt(segment, sampling=(sz, sy, sx))
+    zyx = np.unravel_index(int(np.argmax(depth_map)), segment.shape)  # the liver's deepest voxel
+    click = np.array(zyx[::-1], float)  # (x, y, z) index
+    whole = predictor.predict([click], [label], point_space="ijk", reach_mm=None)
+    reach_mm = 1.5 * max(sx, sy, sz)
+    # A positive click inside the segment reaches reach_mm; a negative one twice its depth, when that is farther.
+    expected = reach_mm if label == 1 else max(reach_mm, 2.0 * min(float(depth_map[zyx]), REACH_SEARCH_MM))
+    local = predictor.predict([click], [label], point_space="ijk", reach_mm=reach_mm, reach_factor=2.0)
     box = whole.box
     z, y, x = np.meshgrid(*[np.arange(b.start, b.stop) for b in box], indexing="ij")
-    sx, sy, sz = case.image.geometry.spacing
-    near = ((x - click[0]) * sx) ** 2 + ((y - click[1]) * sy) ** 2 + ((z - click[2]) * sz) ** 2 <= reach ** 2
-    assert near.any() and (~near).any()
+    distance = np.sqrt(((x - click[0]) * sx) ** 2 + ((y - click[1]) * sy) ** 2 + ((z - click[2]) * sz) ** 2)
+    near = distance <= expected + 1e-6
+    assert near.any() and (~near).any() and (label == 1 or expected > reach_mm), "the reach test needs both sides"
     assert (whole.mask != segment[box])[~near].any(), "without a reach the answer redraws the segment far from the click"
     assert np.array_equal(local.mask[~near], segment[box][~near]), "beyond the reach the segment stays as it was"
     inside = near & predictor._inside
     assert np.array_equal(local.mask[inside], whole.mask[inside]), "within the reach the refiner's answer is taken"
+    fixed = predictor.predict([click], [label], point_space="ijk", reach_mm=reach_mm, reach_factor=0.0)
+    assert np.array_equal(fixed.mask[distance > reach_mm + 1e-6], segment[box][distance > reach_mm + 1e-6]), "factor 0: reach_mm only"
     assert np.array_equal(predictor.predict(np.zeros((0, 3)), [], point_space="ijk").mask, segment[box]), "no click, no change"
     with pytest.raises(InputError, match="reach must be a positive number"):
-        predictor.predict([click], [1], point_space="ijk", reach_mm=0.0)
+        predictor.predict([click], [label], point_space="ijk", reach_mm=0.0)
+    with pytest.raises(InputError, match="reach factor must be 0 or a positive number"):
+        predictor.predict([click], [label], point_space="ijk", reach_factor=-1.0)
 
 
 def test_clicks_outside_the_volume_and_empty_segments_are_refused_in_one_sentence(predictor, case):
@@ -282,7 +296,7 @@ def test_cli_refine_click_reach_limits_the_change_and_0_lifts_it(cli_case, refin
     changed = {}
     for reach in ("10", "0"):
         out = tmp_path / f"reach{reach}.seg.nrrd"
-        assert main(base + ["-o", str(out), "--click-reach", reach]) == 0, capsys.readouterr().err
+        assert main(base + ["-o", str(out), "--click-reach", reach, "--click-reach-factor", "0"]) == 0, capsys.readouterr().err
         changed[reach] = (read_segmentation(out).array == LIVER) != (read_segmentation(seg).array == LIVER)
     to_ras = read_segmentation(seg).geometry.ijk_to_ras()
     moved = (to_ras @ np.c_[np.argwhere(changed["10"])[:, ::-1], np.ones(int(changed["10"].sum()))].T).T[:, :3]
@@ -290,6 +304,11 @@ def test_cli_refine_click_reach_limits_the_change_and_0_lifts_it(cli_case, refin
     nearest = np.linalg.norm(moved[:, None] - clicks[None], axis=2).min(axis=1)
     assert changed["10"].any() and nearest.max() <= 10.0 + 1e-6, "with --click-reach 10 nothing changes farther than 10 mm from a click"
     assert changed["0"].sum() > changed["10"].sum(), "--click-reach 0 lets the answer change the whole crop"
+    out = tmp_path / "factor.seg.nrrd"
+    assert main(base + ["-o", str(out), "--click-reach", "10"]) == 0, capsys.readouterr().err
+    grown = (read_segmentation(out).array == LIVER) != (read_segmentation(seg).array == LIVER)
+    assert grown.sum() > changed["10"].sum() and not (grown & ~changed["0"]).any(), \
+        "by default the negative click deep in the liver reaches farther, within what the whole crop changes"
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(base + ["-o", str(tmp_path / "bad.seg.nrrd"), "--click-reach", "-5"])

@@ -113,7 +113,7 @@ def curve_litemedsam(predictor, volume, initial, target, n_clicks):
     return click_curve(volume, initial, target, n_clicks, apply)
 
 
-def curve_memorizing(predictor, volume, initial, target, n_clicks, use_memory, reach_mm):
+def curve_memorizing(predictor, volume, initial, target, n_clicks, use_memory, reach_mm, reach_factor):
     """Every click so far on FINE's segment (the old refiner refines existing segments only)."""
     import numpy as np
 
@@ -123,12 +123,12 @@ def curve_memorizing(predictor, volume, initial, target, n_clicks, use_memory, r
 
     def apply(clicks, labels, z, current):
         return predictor.predict(np.array(clicks, float), np.array(labels), use_memory=use_memory, point_space="ijk",
-                                 reach_mm=reach_mm).paste(initial)
+                                 reach_mm=reach_mm, reach_factor=reach_factor).paste(initial)
 
     return click_curve(volume, initial, target, n_clicks, apply)
 
 
-def curve_auto(slices, memorizing, volume, initial, target, n_clicks, reach_mm):
+def curve_auto(slices, memorizing, volume, initial, target, n_clicks, reach_mm, reach_factor):
     """``fine-seg refine --refiner auto --seg FINE --points ALL``: every click so far on FINE's segment, by the refiner
     the shared rule picks for those clicks on that segment (the click-tuned LiteMedSAM or the Memorizing-SAM refiner
     with its memory, as the command loads them)."""
@@ -149,7 +149,7 @@ def curve_auto(slices, memorizing, volume, initial, target, n_clicks, reach_mm):
                     memorizing.set_volume(volume, initial)
                     held["crop"] = True
                 return memorizing.predict(np.array(clicks, float), np.array(labels), use_memory=True, point_space="ijk",
-                                          reach_mm=reach_mm).paste(initial)
+                                          reach_mm=reach_mm, reach_factor=reach_factor).paste(initial)
             return slices.predict(points=np.array(clicks, float), labels=np.array(labels), previous_mask=initial, point_space="ijk").mask
         except InputError:  # refused (a click outside the refiner's crop, or on an empty slice): the segment stays
             return None
@@ -171,6 +171,8 @@ def main() -> int:
                         help="LiteMedSAM PropagationSettings changed from the defaults, e.g. skip_ignored_removal=true")
     parser.add_argument("--click-reach", type=float, default=None, metavar="MM",
                         help="Memorizing-SAM: how far from a click an answer changes the segment (default: fine-seg refine's; 0: the whole crop)")
+    parser.add_argument("--click-reach-factor", type=float, default=None, metavar="F",
+                        help="Memorizing-SAM: a click reaches F times its distance to the segment's border where farther (default: fine-seg refine's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args()
@@ -182,11 +184,12 @@ def main() -> int:
     from FINESegmentationLib.inference import Segmenter
     from FINESegmentationLib.io import write_text_atomically
     from FINESegmentationLib.labels import ORGANS
-    from FINESegmentationLib.refiner.config import DEFAULT_REACH_MM
+    from FINESegmentationLib.refiner.config import DEFAULT_REACH_FACTOR, DEFAULT_REACH_MM
     from FINESegmentationLib.refiner.litemedsam.predictor import PropagationSettings, SlicePredictor
 
     torch.set_num_threads(args.threads)
     reach = DEFAULT_REACH_MM if args.click_reach is None else args.click_reach or None
+    factor = DEFAULT_REACH_FACTOR if args.click_reach_factor is None else args.click_reach_factor
     organs = [o for o in ORGANS if args.organs is None or o.name in args.organs]
     segmenter = Segmenter(args.fine)
     changed = {}
@@ -212,7 +215,7 @@ def main() -> int:
         memorizing = RefinerPredictor(None)
     results = {"machine": machine(), "date": datetime.date.today().isoformat(), "fine": segmenter.model_name,
                "clicks": args.clicks, "propagation": changed,
-               "click_reach_mm": reach, "cases": []}
+               "click_reach_mm": reach, "click_reach_factor": factor, "cases": []}
     for group, case_id, load in cases(args):
         volume, reference = load()
         start = time.perf_counter()
@@ -234,12 +237,12 @@ def main() -> int:
             for refiner in args.refiners:
                 if refiner == "auto":
                     curve, seconds, refused = curve_auto(slice_predictors["litemedsam-clicks"], memorizing, volume, start_mask, target,
-                                                         args.clicks, reach)
+                                                         args.clicks, reach, factor)
                 elif refiner in slice_predictors:
                     curve, seconds, refused = curve_litemedsam(slice_predictors[refiner], volume, start_mask, target, args.clicks)
                 else:
                     curve, seconds, refused = curve_memorizing(memorizing, volume, start_mask, target, args.clicks,
-                                                               refiner.endswith("+memory"), reach)
+                                                               refiner.endswith("+memory"), reach, factor)
                 per[refiner] = {"dice": curve, "median_click_s": float(np.median(seconds)) if seconds else None, "refused": refused}
                 print(f"{group} {case_id} {organ.name:13s} {refiner:22s} " + " ".join(f"{d:.2f}" for d in curve), flush=True)
             entry["organs"][organ.name] = per
@@ -260,6 +263,7 @@ def render(results: dict, refiners: list[str]) -> str:
              ("; LiteMedSAM propagation changed: " + ", ".join(f"{k} = {v}" for k, v in results["propagation"].items())
               if results.get("propagation") else "") +
              (f"; Memorizing-SAM answers change the segment within {results['click_reach_mm']:g} mm of a click"
+              f" (or {results.get('click_reach_factor', 0):g} times its distance to the segment's border, if farther)"
               if results.get("click_reach_mm") else "; Memorizing-SAM answers change the whole crop" if "click_reach_mm" in results else "")
              + ".", ""]
     steps = [0, 1, 2, 3, 5, 10]

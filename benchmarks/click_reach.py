@@ -1,14 +1,15 @@
 """A click's reach: how far from its clicks a Memorizing-SAM answer may change the segment, side by side.
 
 ``fine-seg refine --refiner auto`` sends clicks on a segment FINE found to the Memorizing-SAM refiner, which
-draws the whole organ again on its coarse crop (2.5 mm voxels or more). ``RefinerPredictor.predict(reach_mm=R)``
-takes that answer only within R mm of a click and keeps the segment elsewhere. For each case FINE segments the
+draws the whole organ again on its coarse crop (2.5 mm voxels or more). ``RefinerPredictor.predict(reach_mm=R,
+reach_factor=F)`` takes that answer only within R mm of a click, or F times the click's distance to the segment's
+border where that is farther, and keeps the segment elsewhere. For each case FINE segments the
 CT once (default settings: TTA, refine-all); spleen, kidneys and liver then get ``--clicks`` clicks each, click n
 at the deepest point of the largest 3-D error, every click so far on FINE's segment, as ``fine-seg refine`` runs
-them (:func:`click_curves.curve_auto`), once per ``--reaches`` value (0: the whole crop). Writes click_reach.md
+them (:func:`click_curves.curve_auto`), once per ``--reaches`` value: ``R`` (F = 0), ``RxF``, or 0 (the whole crop). Writes click_reach.md
 and .json into ``--out``, atomically.
 
-    python benchmarks/click_reach.py --synth /work/data/synth-val10 --reaches 0 10 15 20 25 30 50
+    python benchmarks/click_reach.py --synth /work/data/synth-val10 --reaches 0 20 20x1.5 20x2 20x3 15x2
 """
 from __future__ import annotations
 
@@ -31,15 +32,25 @@ from click_curves import REAL_CT, TARGET_ORGANS, cases, curve_auto  # noqa: E402
 from FINESegmentationLib.inference import Segmenter  # noqa: E402
 from FINESegmentationLib.io import write_text_atomically  # noqa: E402
 from FINESegmentationLib.labels import ORGANS  # noqa: E402
-from FINESegmentationLib.refiner.config import DEFAULT_REACH_MM  # noqa: E402
+from FINESegmentationLib.refiner.config import DEFAULT_REACH_FACTOR, DEFAULT_REACH_MM  # noqa: E402
 from FINESegmentationLib.refiner.litemedsam.predictor import SlicePredictor  # noqa: E402
 from FINESegmentationLib.refiner.predictor import RefinerPredictor  # noqa: E402
 
 STEPS = (0, 1, 2, 3, 5)
 
 
-def name(reach: float) -> str:
-    return "whole crop" if not reach else f"{reach:g} mm" + (" (default)" if reach == DEFAULT_REACH_MM else "")
+def parse(text: str) -> tuple[float, float]:
+    """'R' -> (R, 0), 'RxF' -> (R, F); R = 0: the whole crop."""
+    reach, _, factor = str(text).partition("x")
+    return float(reach), float(factor or 0)
+
+
+def name(text: str) -> str:
+    reach, factor = parse(text)
+    if not reach:
+        return "whole crop"
+    label = f"{reach:g} mm" + (f", x{factor:g} depth" if factor else "")
+    return label + (" (default)" if (reach, factor) == (DEFAULT_REACH_MM, DEFAULT_REACH_FACTOR) else "")
 
 
 def render(results: dict) -> str:
@@ -49,7 +60,8 @@ def render(results: dict) -> str:
              f"segment and every click so far, click n at the deepest point of the largest 3-D error; {results['machine']['cpu']}, "
              f"{results['threads']} thread(s), {results['date']}; command: `{results['command']}`.", "",
              "Mean Dice % of spleen, right kidney, left kidney and liver after n clicks; 'whole crop': the answer replaces the "
-             "segment everywhere in the refiner's crop (before this setting). Clicks off the segment go to LiteMedSAM, "
+             "segment everywhere in the refiner's crop (before this setting); 'R mm': within R mm of a click; 'x F depth': or F "
+             "times the click's distance to the segment's border, where that is farther. Clicks off the segment go to LiteMedSAM, "
              "which the reach does not touch.", ""]
     for group in dict.fromkeys(c["group"] for c in results["cases"]):
         cases_ = [c for c in results["cases"] if c["group"] == group]
@@ -80,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synth", default=str(ROOT.parent / "data" / "synth-val10"), help="held-out synthetic dataset")
     parser.add_argument("--synth-cases", type=int, default=10, help="synthetic cases used, evenly spread (0: none)")
     parser.add_argument("--fine", default=None, help="FINE model (default: the registry's default)")
-    parser.add_argument("--reaches", type=float, nargs="+", default=[0.0, 10.0, 15.0, 20.0, 25.0, 30.0, 50.0],
-                        help="reaches in mm (0: the whole crop)")
+    parser.add_argument("--reaches", nargs="+", default=["0", "20", "20x1.5", "20x2", "20x3", "15x2"],
+                        help="R (mm) or RxF (R mm, or F times the click's distance to the segment's border); 0: the whole crop")
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
@@ -105,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             per = {}
             for reach in args.reaches:
-                per[str(reach)], _, _ = curve_auto(slices, memorizing, volume, initial == organ.label, target, args.clicks, reach or None)
+                r, f = parse(reach)
+                per[str(reach)], _, _ = curve_auto(slices, memorizing, volume, initial == organ.label, target, args.clicks, r or None, f)
                 print(f"{group} {case_id} {organ.name:13s} {name(reach):18s} " + " ".join(f"{d:.3f}" for d in per[str(reach)]), flush=True)
             entry["organs"][organ.name] = per
         results["cases"].append(entry)

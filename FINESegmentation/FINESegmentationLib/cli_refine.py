@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from .cli_arguments import Number
-from .refiner.config import DEFAULT_REACH_MM
+from .refiner.config import DEFAULT_REACH_FACTOR, DEFAULT_REACH_MM
 
 
 def _refiner_predictor(args: argparse.Namespace):
@@ -117,7 +117,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             raise InputError(f"The segment '{organ.name}' in {args.seg} is empty inside the volume; draw a box around the organ (--box) to create it.")
         predictor = _refiner_predictor(args)
         predictor.set_volume(volume, segment)
-        result = predictor.predict(points, positive.astype(int), use_memory=predictor.has_memory, reach_mm=args.click_reach or None)
+        result = predictor.predict(points, positive.astype(int), use_memory=predictor.has_memory, reach_mm=args.click_reach or None,
+                                   reach_factor=args.click_reach_factor)
         mask = result.paste(segment)
         memory = f"memory {predictor.memory_name}" if result.used_memory else "no memory"
         changed = _write_refined(labels, segment, mask, organ, volume, output)
@@ -192,7 +193,7 @@ def _cmd_refiner_evaluate(args: argparse.Namespace) -> int:
     predictor = _refiner_predictor(args)
     modes = (False, True) if predictor.has_memory else (False,)
     curves = click_curves(predictor, args.data, args.cases, args.clicks, modes, args.seed, progress=not args.quiet, initial=args.initial,
-                          reach_mm=args.click_reach or None)
+                          reach_mm=args.click_reach or None, reach_factor=args.click_reach_factor)
     table = curves.markdown()
     if curves.missed:
         table += f"\n\n{len(curves.missed)} organ(s) had an empty initial segment (nothing to refine): " + \
@@ -231,6 +232,9 @@ def add_refiner_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--click-reach", type=Number(at_least=0), default=DEFAULT_REACH_MM, metavar="MM",
                    help=f"Memorizing-SAM: the answer changes the segment only within MM of a click (default {DEFAULT_REACH_MM:g}; "
                    "0: anywhere in the refiner's crop)")
+    p.add_argument("--click-reach-factor", type=Number(at_least=0), default=DEFAULT_REACH_FACTOR, metavar="F",
+                   help=f"Memorizing-SAM: a click reaches F times its distance to the segment's border where that is farther than "
+                   f"--click-reach (a click deep in a missed part marks a larger error; default {DEFAULT_REACH_FACTOR:g}; 0: --click-reach only)")
     p.set_defaults(func=_cmd_refine)
 
     p = sub.add_parser("refiner-train", help="train a Memorizing-SAM refiner on a labelled dataset with simulated clicks")
@@ -284,5 +288,8 @@ def add_refiner_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--click-reach", type=Number(at_least=0), default=DEFAULT_REACH_MM, metavar="MM",
                    help=f"Memorizing-SAM: as refine: the answer changes the segment only within MM of a click (default {DEFAULT_REACH_MM:g}; "
                    "0: anywhere in the refiner's crop)")
+    p.add_argument("--click-reach-factor", type=Number(at_least=0), default=DEFAULT_REACH_FACTOR, metavar="F",
+                   help=f"Memorizing-SAM: a click reaches F times its distance to the segment's border where that is farther than "
+                   f"--click-reach (a click deep in a missed part marks a larger error; default {DEFAULT_REACH_FACTOR:g}; 0: --click-reach only)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_refiner_evaluate)

@@ -18,6 +18,11 @@ DEFAULT_REACH_MM = 20.0
 refiner draws the whole organ again on its coarse crop (2.5 mm voxels or more), so without a reach a click that
 fixes one spot also coarsens the rest of a segment that refine-all drew at full resolution (README, "A click's
 reach")."""
+DEFAULT_REACH_FACTOR = 2.0
+"""``predict(reach_factor=...)``: a click reaches this many times its distance to the segment's border where that
+is farther than ``reach_mm``: a click deep in a missed part (or deep inside a wrong one) marks a larger error."""
+REACH_SEARCH_MM = 40.0
+"""How far from a click its distance to the segment's border is looked for (so a reach is at most twice this)."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from ..errors import InputError
 from ..labels import ORGAN_BY_LABEL, ORGANS
 from ..volume import Volume
 from .clicks import next_click
-from .config import DEFAULT_REACH_MM
+from .config import DEFAULT_REACH_FACTOR, DEFAULT_REACH_MM
 from .crop import MIN_ORGAN_VOXELS, crop_for_segment, labels_crop, logits_to_box
 from .predictor import RefinerPredictor
 from .training import perturb_mask
@@ -114,12 +114,13 @@ def _initial_labels(folder: Path, case_id: str, reference: Volume) -> np.ndarray
 
 def click_curves(predictor: RefinerPredictor, data: str, case_ids: Sequence[str] | None = None, clicks: int = 10,
                  memory_modes: Sequence[bool] = (False, True), seed: int = 0, progress: bool = True,
-                 initial: str | Path | None = None, reach_mm: float | None = DEFAULT_REACH_MM) -> ClickCurves:
+                 initial: str | Path | None = None, reach_mm: float | None = DEFAULT_REACH_MM,
+                 reach_factor: float = DEFAULT_REACH_FACTOR) -> ClickCurves:
     """Dice after 0..``clicks`` clicks for every organ of every case of a labelled dataset.
 
     ``initial``: a folder of FINE's segmentations of the dataset's images to start from
-    (default: perturbed reference masks). ``reach_mm``: how far from a click an answer changes the
-    segment (:meth:`RefinerPredictor.predict`; None: the whole crop).
+    (default: perturbed reference masks). ``reach_mm``, ``reach_factor``: how far from a click an answer
+    changes the segment (:meth:`RefinerPredictor.predict`; reach_mm None: the whole crop).
     """
     from ..data.datasets import select_cases
     from ..io import read_volume
@@ -157,7 +158,8 @@ def click_curves(predictor: RefinerPredictor, data: str, case_ids: Sequence[str]
                             points.append(offset + np.array(click.xyz))
                             labels.append(int(click.positive))
                     result = predictor.predict(np.array(points, dtype=np.float64).reshape(-1, 3), labels, previous_mask=current if n else None,
-                                               use_memory=memory, point_space="ijk", reach_mm=reach_mm)
+                                               use_memory=memory, point_space="ijk", reach_mm=reach_mm,
+                                               reach_factor=reach_factor)
                     current = result.paste(current)
                     curves.rows.append({"case": c.case_id, "organ": name, "memory": memory, "clicks": n, "dice": dice(current, target)})
     return curves

@@ -30,7 +30,7 @@ import torch
 from ..errors import InputError
 from ..volume import Geometry, Volume
 from .build import load_refiner
-from .config import DEFAULT_REACH_MM
+from .config import DEFAULT_REACH_FACTOR, DEFAULT_REACH_MM, REACH_SEARCH_MM
 from .crop import CropGrid, box_on_grid, crop_for_segment, image_crop, inside_cube, logits_to_box, mask_crop
 from .memory import ExternalMemory, RetrievedMemory
 
@@ -193,16 +193,32 @@ class RefinerPredictor:
                 )
         return voxels, ijk
 
-    def _near_clicks(self, ijk: np.ndarray, reach_mm: float) -> np.ndarray:
-        """bool [z, y, x] of the crop box: the voxels within ``reach_mm`` of a click (input ijk (N, 3))."""
-        spacing = np.asarray(self._volume.geometry.spacing, dtype=np.float64)  # (x, y, z); the axes are orthonormal
+    def _near_clicks(self, ijk: np.ndarray, labels: np.ndarray, previous_box: np.ndarray, reach_mm: float,
+                     reach_factor: float) -> np.ndarray:
+        """bool [z, y, x] of the crop box: the voxels within each click's reach (input ijk (N, 3), labels (N,)).
+
+        A click's reach is ``reach_mm``, or ``reach_factor`` times its distance to the border of the previous
+        mask (``previous_box``) if that is farther: a positive click that far outside the segment (or a negative
+        one that deep inside it) marks an error that large. The distance is looked for within
+        :data:`REACH_SEARCH_MM` of the click."""
+        spacing = np.asarray(self._volume.geometry.spacing, dtype=np.float64)[::-1]  # (z, y, x) mm; the axes are orthonormal
+        start = np.array([b.start for b in self._box], dtype=np.float64)
         axes = [np.arange(b.start, b.stop, dtype=np.float64) for b in self._box]  # z, y, x
-        near = np.zeros(tuple(len(a) for a in axes), bool)
-        for i, j, k in ijk:
-            dz = ((axes[0] - k) * spacing[2])[:, None, None] ** 2
-            dy = ((axes[1] - j) * spacing[1])[None, :, None] ** 2
-            dx = ((axes[2] - i) * spacing[0])[None, None, :] ** 2
-            near |= dz + dy + dx <= reach_mm * reach_mm
+        near = np.zeros(previous_box.shape, bool)
+        for (i, j, k), label in zip(ijk, labels):
+            zyx = np.array([k, j, i], dtype=np.float64)
+            reach = reach_mm
+            if reach_factor > 0:
+                centre = np.clip(np.round(zyx - start).astype(int), 0, np.array(previous_box.shape) - 1)
+                half = np.ceil(REACH_SEARCH_MM / spacing).astype(int)
+                lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half + 1, previous_box.shape)
+                window = previous_box[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+                other = np.argwhere(window if label == 1 else ~window)  # the segment (positive click) or what is not
+                depth = REACH_SEARCH_MM if not len(other) else float(
+                    np.sqrt((((other + lo + start - zyx) * spacing) ** 2).sum(axis=1).min()))
+                reach = max(reach_mm, reach_factor * min(depth, REACH_SEARCH_MM))
+            near |= (((axes[0] - zyx[0]) * spacing[0])[:, None, None] ** 2 + ((axes[1] - zyx[1]) * spacing[1])[None, :, None] ** 2
+                     + ((axes[2] - zyx[2]) * spacing[2])[None, None, :] ** 2) <= reach * reach
         return near
 
     def _previous_crop(self, previous_mask: np.ndarray | None) -> tuple[torch.Tensor, np.ndarray]:
@@ -227,7 +243,8 @@ class RefinerPredictor:
 
     def predict(self, points: Sequence[Sequence[float]] | np.ndarray, labels: Sequence[int] | np.ndarray,
                 previous_mask: np.ndarray | None = None, use_memory: bool = True, point_space: str = "ras",
-                multimask: bool = False, reach_mm: float | None = DEFAULT_REACH_MM) -> RefinerResult:
+                multimask: bool = False, reach_mm: float | None = DEFAULT_REACH_MM,
+                reach_factor: float = DEFAULT_REACH_FACTOR) -> RefinerResult:
         """Refine the segment with clicks.
 
         points: (N, 3) in RAS mm, or (i, j, k) voxel indices with ``point_space="ijk"``; N may be 0.
@@ -237,9 +254,10 @@ class RefinerPredictor:
         use_memory: use the memory attention (ignored when no memory is loaded).
         multimask: answer with the best (by predicted IoU) of SAM's three single-click masks
         instead of the mask that answers all clicks together.
-        reach_mm: the answer replaces the previous mask only within this many millimetres of a click;
-        farther away the previous mask stays (so no clicks change nothing). None: the whole crop box, as
-        the refiner drew it.
+        reach_mm: the answer replaces the previous mask only within this many millimetres of a click, or
+        ``reach_factor`` times the click's distance to the previous mask's border where that is farther;
+        elsewhere the previous mask stays (so no clicks change nothing). None: the whole crop box, as the
+        refiner drew it. reach_factor 0: ``reach_mm`` for every click.
         """
         self._require_volume()
         start = time.perf_counter()
@@ -251,6 +269,8 @@ class RefinerPredictor:
             raise InputError("Click labels must be 1 (add to the segment) or 0 (remove from it).")
         if reach_mm is not None and not (np.isfinite(reach_mm) and reach_mm > 0):
             raise InputError(f"A click's reach must be a positive number of millimetres, got {reach_mm}; give None for the whole crop.")
+        if not (np.isfinite(reach_factor) and reach_factor >= 0):
+            raise InputError(f"The reach factor must be 0 or a positive number, got {reach_factor}.")
         voxels, ijk = self._crop_points(points, point_space)
         previous, previous_box = self._previous_crop(previous_mask)
         used_memory = bool(use_memory and self.memory is not None)
@@ -264,7 +284,7 @@ class RefinerPredictor:
         decoded = time.perf_counter()
         index = 1 + int(torch.argmax(iou[0, 1:])) if multimask else 0
         logits = masks[0, index].float().cpu().numpy()
-        changeable = self._inside if reach_mm is None else self._inside & self._near_clicks(ijk, reach_mm)
+        changeable = self._inside if reach_mm is None else self._inside & self._near_clicks(ijk, labels, previous_box, reach_mm, reach_factor)
         mask = np.where(changeable, logits_to_box(logits, self._crop, self._volume.geometry, self._box) > 0, previous_box)
         done = time.perf_counter()
         return RefinerResult(mask, self._box, float(iou[0, index]), used_memory,
