@@ -206,6 +206,16 @@ def _cmd_refiner_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _click_reach_options(p: argparse.ArgumentParser) -> None:
+    """``--click-reach`` and ``--click-reach-factor``: how far from its clicks a Memorizing-SAM answer changes the segment."""
+    p.add_argument("--click-reach", type=Number(at_least=0), default=DEFAULT_REACH_MM, metavar="MM",
+                   help=f"Memorizing-SAM: the answer changes the segment only within MM of a click (default {DEFAULT_REACH_MM:g}; "
+                   "0: anywhere in the refiner's crop)")
+    p.add_argument("--click-reach-factor", type=Number(at_least=0), default=DEFAULT_REACH_FACTOR, metavar="F",
+                   help=f"Memorizing-SAM: a click reaches F times its distance to the segment's border where that is farther than "
+                   f"--click-reach (a click deep in a missed part marks a larger error; default {DEFAULT_REACH_FACTOR:g}; 0: --click-reach only)")
+
+
 def add_refiner_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``refine``, ``refiner-train``, ``refiner-memory`` and ``refiner-evaluate`` on the subparsers."""
     p = sub.add_parser("refine", help="refine or create one segment with a box and clicks (LiteMedSAM) or clicks (Memorizing-SAM)")
@@ -229,12 +239,7 @@ def add_refiner_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory", default=None, help="registered memory name or memory file (Memorizing-SAM default: the refiner's "
                    "registered memory; LiteMedSAM default: none, see README for why)")
     p.add_argument("--no-memory", action="store_true", help="refine without a memory")
-    p.add_argument("--click-reach", type=Number(at_least=0), default=DEFAULT_REACH_MM, metavar="MM",
-                   help=f"Memorizing-SAM: the answer changes the segment only within MM of a click (default {DEFAULT_REACH_MM:g}; "
-                   "0: anywhere in the refiner's crop)")
-    p.add_argument("--click-reach-factor", type=Number(at_least=0), default=DEFAULT_REACH_FACTOR, metavar="F",
-                   help=f"Memorizing-SAM: a click reaches F times its distance to the segment's border where that is farther than "
-                   f"--click-reach (a click deep in a missed part marks a larger error; default {DEFAULT_REACH_FACTOR:g}; 0: --click-reach only)")
+    _click_reach_options(p)
     p.set_defaults(func=_cmd_refine)
 
     p = sub.add_parser("refiner-train", help="train a Memorizing-SAM refiner on a labelled dataset with simulated clicks")
@@ -285,11 +290,6 @@ def add_refiner_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=Number(int, at_least=0), default=0, help="seed of the initial masks and the random clicks")
     p.add_argument("--csv", help="write one row per case, organ, memory mode and click count")
     p.add_argument("--markdown", help="write the table as markdown")
-    p.add_argument("--click-reach", type=Number(at_least=0), default=DEFAULT_REACH_MM, metavar="MM",
-                   help=f"Memorizing-SAM: as refine: the answer changes the segment only within MM of a click (default {DEFAULT_REACH_MM:g}; "
-                   "0: anywhere in the refiner's crop)")
-    p.add_argument("--click-reach-factor", type=Number(at_least=0), default=DEFAULT_REACH_FACTOR, metavar="F",
-                   help=f"Memorizing-SAM: a click reaches F times its distance to the segment's border where that is farther than "
-                   f"--click-reach (a click deep in a missed part marks a larger error; default {DEFAULT_REACH_FACTOR:g}; 0: --click-reach only)")
+    _click_reach_options(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_refiner_evaluate)
