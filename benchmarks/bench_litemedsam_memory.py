@@ -7,7 +7,7 @@ training set) is never built from the data measured here:
     from TotalSegmentator): a reference box (3 mm looser, as refine-all draws it) on every slice of every
     organ, Dice per organ over the volume; and one box on each organ's middle slice propagated slice by slice
     (the predictor's defaults), the memory read on every slice drawn or not at all;
-(b) held-out synthetic CT (``--synth``, default ``/work/data/synth-val``, whose anatomy maps never appear in
+(b) held-out synthetic CT (``--synth``, default ``data/synth-val``, whose anatomy maps never appear in
     the training set): ``--synth-cases`` cases spread over the folder, ``--slices-per-organ`` slices per organ
     spread from its first to its last slice, a reference box on each; Dice per slice, averaged per organ;
 (c) how often the retrieved examples are of the prompted organ, and the memory's file size;
@@ -172,7 +172,7 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="LiteMedSAM weights (registered name or file; default: the bundled ones); "
                         "the memory must have been built with them")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "real-ct" / "ts-example-noncontrast"))
-    parser.add_argument("--synth", default="/work/data/synth-val", help="held-out synthetic CT (nnU-Net layout)")
+    parser.add_argument("--synth", default=str(ROOT / "data" / "synth-val"), help="held-out synthetic CT (nnU-Net layout)")
     parser.add_argument("--synth-cases", type=int, default=10)
     parser.add_argument("--slices-per-organ", type=int, default=3)
     parser.add_argument("--margin-mm", type=float, default=3.0, help="reference boxes this much looser than the organ")

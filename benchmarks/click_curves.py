@@ -160,7 +160,7 @@ def curve_auto(slices, memorizing, volume, initial, target, n_clicks, reach_mm, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real-ct", default=str(REAL_CT), help="folder with ct.nii.gz and labels.nii.gz ('' to skip)")
-    parser.add_argument("--synth", default="/work/data/synth-val", help="held-out synthetic dataset (nnU-Net layout)")
+    parser.add_argument("--synth", default=str(ROOT / "data" / "synth-val"), help="held-out synthetic dataset (nnU-Net layout)")
     parser.add_argument("--synth-cases", type=int, default=0, help="synthetic cases used, evenly spread (0: none)")
     parser.add_argument("--fine", default=None, help="FINE model for the starting segments (default: the registry's default)")
     parser.add_argument("--refiners", nargs="+", default=[r for r in REFINERS if r != "litemedsam-clicks+memory"], choices=REFINERS)

@@ -9,7 +9,7 @@ at the deepest point of the largest 3-D error, every click so far on FINE's segm
 them (:func:`click_curves.curve_auto`), once per ``--reaches`` value: ``R`` (F = 0), ``RxF``, or 0 (the whole crop). Writes click_reach.md
 and .json into ``--out``, atomically.
 
-    python benchmarks/click_reach.py --synth /work/data/synth-val10 --reaches 0 20 20x1.5 20x2 20x3 15x2
+    python benchmarks/click_reach.py --synth data/synth-val10 --reaches 0 20 20x1.5 20x2 20x3 15x2
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def render(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real-ct", default=str(REAL_CT), help="folder with ct.nii.gz and labels.nii.gz ('' to skip)")
-    parser.add_argument("--synth", default=str(ROOT.parent / "data" / "synth-val10"), help="held-out synthetic dataset")
+    parser.add_argument("--synth", default=str(ROOT / "data" / "synth-val10"), help="held-out synthetic dataset")
     parser.add_argument("--synth-cases", type=int, default=10, help="synthetic cases used, evenly spread (0: none)")
     parser.add_argument("--fine", default=None, help="FINE model (default: the registry's default)")
     parser.add_argument("--reaches", nargs="+", default=["0", "20", "20x1.5", "20x2", "20x3", "15x2"],

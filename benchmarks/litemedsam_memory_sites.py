@@ -1,6 +1,6 @@
 """Where LiteMedSAM's memory pays: each decoder attention against the encoder's last attention blocks, on synthetic CT.
 
-Synthetic training volumes only (``--data``, default ``/work/data/synth-train``); the real CT is not looked at.
+Synthetic training volumes only (``--data``, default ``data/synth-train``); the real CT is not looked at.
 Cases spread over the folder are split: the memory is built from the first ``--memory-cases`` (the middle
 slice of each organ), the queries are the next ``--query-cases`` (``--slices-per-organ`` slices per organ
 from its first to its last slice, a reference box 3 mm looser on each). One encoder pass per slice gives both
@@ -87,7 +87,7 @@ class EncoderMemory:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="/work/data/synth-train")
+    parser.add_argument("--data", default=str(ROOT / "data" / "synth-train"))
     parser.add_argument("--memory-cases", type=int, default=20)
     parser.add_argument("--query-cases", type=int, default=10)
     parser.add_argument("--slices-per-organ", type=int, default=3)

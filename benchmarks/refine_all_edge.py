@@ -9,7 +9,7 @@ the edge). LiteMedSAM's answers are memoised per (slice, box), so every variant 
 The real CT of ``../shared/data/real-ct`` comes first unless ``--real-ct ''``. Writes refine_all_edge.md and .json
 into ``--out``, atomically.
 
-    python benchmarks/refine_all_edge.py --synth /work/data/synth-val10 --edge 0.5 0.7 0.9 1.01
+    python benchmarks/refine_all_edge.py --synth data/synth-val10 --edge 0.5 0.7 0.9 1.01
 """
 from __future__ import annotations
 

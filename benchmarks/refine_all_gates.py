@@ -13,7 +13,7 @@ outline stays, held against the other organs' answers); overlapping answers go t
 Dice % per organ against the reference, on the real CT and on held-out synthetic cases; writes
 refine_all_gates.md and .json into ``--out``, atomically.
 
-    python benchmarks/refine_all_gates.py --synth /work/data/synth-val10 --synth-cases synth_0009 synth_0013 synth_0017
+    python benchmarks/refine_all_gates.py --synth data/synth-val10 --synth-cases synth_0009 synth_0013 synth_0017
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ the same FINE labels (the slice embeddings are computed once per case and reused
 The real CT of ``../shared/data/real-ct`` comes first unless ``--real-ct ''``. Writes refine_all_margin.md and
 .json into ``--out``, atomically.
 
-    python benchmarks/refine_all_margin.py --synth /work/data/synth-val10 --margins 3 5 8
+    python benchmarks/refine_all_margin.py --synth data/synth-val10 --margins 3 5 8
 """
 from __future__ import annotations
 

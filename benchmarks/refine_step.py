@@ -7,7 +7,7 @@ embedding and the others reuse its answers: their cost is the number of slices t
 what dominates on a CPU), which the table gives beside the Dice. Writes refine_step.md and .json into
 ``--out``, atomically.
 
-    python benchmarks/refine_step.py --synth /work/data/synth-val10 \
+    python benchmarks/refine_step.py --synth data/synth-val10 \
         --synth-cases synth_0013 synth_0006 synth_0002 synth_0010 --steps 0 2 3 5
 """
 from __future__ import annotations

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a registered model or checkpoint (default: the default model)")
     ap.add_argument("--real", default=str(DEFAULT_REAL), help="a folder with ct.nii.gz and labels.nii.gz")
-    ap.add_argument("--synth", default=str(ROOT.parent / "data" / "synth-val10"), help="held-out synthetic dataset (synth_info.json)")
+    ap.add_argument("--synth", default=str(ROOT / "data" / "synth-val10"), help="held-out synthetic dataset (synth_info.json)")
     ap.add_argument("--whole", action="store_true", help="also the whole volumes with the thin-slab grid forced on")
     ap.add_argument("--fine-alone", action="store_true", help="FINE alone only (no default-pipeline runs)")
     ap.add_argument("--threads", type=int, default=2)
