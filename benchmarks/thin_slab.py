@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the runs (tens of CPU-minutes), not after them
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="thin_slab_"))
     synth = Path(args.synth)
@@ -156,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"model": seg_model.model_name, "sha256": seg_model.model_sha256, "thin_slab_mm": THIN_SLAB_MM,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "timings_s": timings, "results": results}
-    out = Path(args.out)
     write_text_atomically(out / "thin_slab.json", json.dumps(payload, indent=1, default=float))
     columns = list(runs)
     md = [f"# Thin slabs: the model's grid against the thin-slab grid (half the slice spacing, below {THIN_SLAB_MM:.0f} mm)", "",
