@@ -130,7 +130,7 @@ synth-data: $(STAMP)
 
 # The ten validation cases the benchmarks' side-by-side tables use (every phase and field of view; README, "The
 # default model"), on their own in data/synth-val10: each case is drawn from its seed and index alone, so these
-# are the same files as those cases of $(SYNTH_VAL). About a minute on one core.
+# are the same files as those cases of $(SYNTH_VAL). About 30-80 s a case on one core (ten cases: 5-15 min).
 SYNTH_VAL10 ?= data/synth-val10
 SYNTH_VAL10_INDICES := 0 1 2 6 7 9 10 13 17 21
 synth-val10: $(STAMP)
