@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--product", action="store_true", help="also the full model with --largest-component, and with --tta too")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
     torch.set_num_threads(args.threads)
     runs = [
         ("no tokens (nnFormer-like)", args.none, "stateless", {}),

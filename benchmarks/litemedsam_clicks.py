@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
 
     import torch
 

@@ -94,6 +94,7 @@ def main() -> int:
     parser.add_argument("--site", default="token_to_image.1", help="the decoder site whose ratio and k are varied")
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
 
     import numpy as np
     import torch

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
     torch.set_num_threads(args.threads)
     real = Path(args.real)
     ct, labels = read_volume(real / "ct.nii.gz"), read_volume(real / "labels.nii.gz", kind="label")

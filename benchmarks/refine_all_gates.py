@@ -107,6 +107,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
     torch.set_num_threads(args.threads)
     segmenter = Segmenter(args.model, device="cpu", refine_all=False)
     predictor = SlicePredictor("litemedsam", device="cpu")  # the weights refine-all uses

@@ -91,6 +91,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
     torch.set_num_threads(args.threads)
     synth = Path(args.synth)
     info = json.loads((synth / "synth_info.json").read_text()) if (synth / "synth_info.json").exists() else {}

@@ -90,6 +90,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
     ap.add_argument("--render", default=None, help="only write the .md from this .json of an earlier run")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.render:
