@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--product", action="store_true", help="also the full model with --largest-component, and with --tta too")
     args = ap.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the runs, not after them
     torch.set_num_threads(args.threads)
     runs = [
         ("no tokens (nnFormer-like)", args.none, "stateless", {}),
@@ -118,7 +119,6 @@ def main() -> None:
         "",
         "Evaluation time per configuration (s): " + ", ".join(f"{k}: {v}" for k, v in timings.items()),
     ])
-    out = Path(args.out)
     _atomic(out / "ablation.md", md + "\n")
     _atomic(out / "ablation.json", json.dumps({"data": str(args.data), "machine": machine, "timings_s": timings,
                                               "off_centre_cases": off, "results": {e.name: e.cases for e in results}}, indent=1))

@@ -37,7 +37,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the runs, not after them
 
     import numpy as np
     import torch
@@ -74,7 +75,6 @@ def main() -> int:
                 cells.append(" / ".join(f"{100 * r[k]:.1f}" for k in ("local", "crop", "volume", "outside_crop")))
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
         lines.append("")
-    out = Path(args.out)
     write_text_atomically(out / "attention_shares.json", json.dumps(result, indent=1) + "\n")
     write_text_atomically(out / "attention_shares.md", "\n".join(lines))
     print("\n".join(lines))

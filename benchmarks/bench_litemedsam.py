@@ -72,7 +72,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the runs, not after them
 
     import numpy as np
     import torch
@@ -241,7 +242,6 @@ def main() -> int:
     results["machine"] = {**machine(), "torch_threads": args.threads, "other_processes_cores": round(others, 2),
                           "date": datetime.date.today().isoformat(), "wall_s": round(wall, 1)}
     markdown = to_markdown(results)
-    out = Path(args.out)
     write_text_atomically(out / "litemedsam.json", json.dumps(results, indent=2) + "\n")
     write_text_atomically(out / "litemedsam.md", markdown)
     print(markdown)

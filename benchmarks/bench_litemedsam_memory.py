@@ -179,7 +179,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the runs, not after them
 
     import numpy as np
     import torch
@@ -215,7 +216,6 @@ def main() -> int:
         "machine": f"{machine()['cpu']}, {args.threads} torch thread(s)",
         "date": datetime.date.today().isoformat(),
     })
-    out = Path(args.out)
     text = markdown(results)
     write_text_atomically(out / "litemedsam_memory.json", json.dumps(results, indent=2) + "\n")
     write_text_atomically(out / "litemedsam_memory.md", text + "\n")

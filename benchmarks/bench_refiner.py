@@ -31,7 +31,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the runs, not after them
 
     import numpy as np
     import torch
@@ -147,7 +148,6 @@ def main() -> int:
         f"the memory changed the image embedding by {report['memory_effect']['median_embedding_change_percent']}% "
         f"(median; at most {report['memory_effect']['max_embedding_change_percent']}%, relative L2 norm).",
     ])
-    out = Path(args.out)
     write_text_atomically(out / "refiner.json", json.dumps(report, indent=2) + "\n")
     write_text_atomically(out / "refiner.md", md + "\n")
     print(md)

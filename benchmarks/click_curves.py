@@ -176,7 +176,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the runs, not after them
 
     import numpy as np
     import torch
@@ -249,7 +250,6 @@ def main() -> int:
             entry["organs"][organ.name] = per
         results["cases"].append(entry)
     markdown = render(results, args.refiners)
-    out = Path(args.out)
     write_text_atomically(out / "click_curves.json", json.dumps(results, indent=1) + "\n")
     write_text_atomically(out / "click_curves.md", markdown)
     print(markdown)

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the runs, not after them
     torch.set_num_threads(args.threads)
     segmenter = Segmenter(args.fine)
     slices, memorizing = SlicePredictor("litemedsam-clicks"), RefinerPredictor(None)
@@ -123,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{group} {case_id} {organ.name:13s} {name(reach):18s} " + " ".join(f"{d:.3f}" for d in per[str(reach)]), flush=True)
             entry["organs"][organ.name] = per
         results["cases"].append(entry)
-    out = Path(args.out)
     write_text_atomically(out / "click_reach.json", json.dumps(results, indent=1) + "\n")
     write_text_atomically(out / "click_reach.md", render(results))
     print(render(results))

@@ -39,7 +39,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the runs, not after them
 
     import torch
 
@@ -82,7 +83,6 @@ def main() -> int:
             }
         results["datasets"][name] = entry
     markdown = render(results, args.clicks)
-    out = Path(args.out)
     write_text_atomically(out / "litemedsam_clicks.json", json.dumps(results, indent=1) + "\n")
     write_text_atomically(out / "litemedsam_clicks.md", markdown)
     print(markdown)

@@ -94,7 +94,8 @@ def main() -> int:
     parser.add_argument("--site", default="token_to_image.1", help="the decoder site whose ratio and k are varied")
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the runs, not after them
 
     import numpy as np
     import torch
@@ -226,7 +227,6 @@ def main() -> int:
         lines.append(f"| {name} | " + " | ".join(f"{row[n]:.3f}" if n in row else "-" for n in names) +
                      f" | {row['mean']:.4f} | {row['better']} / {row['worse']} | {row['ms_per_prompt']:.0f} |")
     text = "\n".join(lines)
-    out = Path(args.out)
     write_text_atomically(out / "litemedsam_memory_sites.json", json.dumps(results, indent=2) + "\n")
     write_text_atomically(out / "litemedsam_memory_sites.md", text + "\n")
     print(text)

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the runs, not after them
     torch.set_num_threads(args.threads)
     real = Path(args.real)
     ct, labels = read_volume(real / "ct.nii.gz"), read_volume(real / "labels.nii.gz", kind="label")
@@ -89,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"model": segmenter.model_name, "sha256": segmenter.model_sha256, "phases_hu": PHASES,
                "arterial_cortex_hu_mm": ARTERIAL_CORTEX, "threads": args.threads,
                "machine": f"{platform.machine()}, torch {torch.__version__}", "seconds": seconds, "results": results}
-    out = Path(args.out)
     write_text_atomically(out / "pseudo_contrast.json", json.dumps(payload, indent=1) + "\n")
     md = ["# The real CT with contrast added to its organs", "",
           f"Model: {payload['model']} (sha256 {str(payload['sha256'])[:12]}); {payload['machine']}, {args.threads} thread(s); "

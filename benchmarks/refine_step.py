@@ -90,9 +90,9 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
     ap.add_argument("--render", default=None, help="only write the .md from this .json of an earlier run")
     args = ap.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the runs, not after them
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before the runs, not after them
+    torch.set_num_threads(args.threads)
     if args.render:
         data = json.loads(Path(args.render).read_text())
         write_text_atomically(out / "refine_step.md", render(data["results"], data["steps"], data["meta"]))
