@@ -209,6 +209,76 @@ def test_refine_all_asks_more_of_an_answer_where_the_organ_runs_off_the_image(mo
         refine_all(predictor, volume, labels, edge_min_cover=-0.1)
 
 
+def test_box_rounds_redraw_the_box_around_the_answer_and_ask_again(monkeypatch):
+    """FINE found a corner of an organ on the slice: the first box, FINE's enlarged by the margin, still cuts the
+    organ and so does the answer; each further round, with the box around the last answer, takes in more of it, and
+    the rounds stop once the box no longer grows. The answers are what a box-bound model gives: the organ's part
+    inside the box."""
+    import torch
+
+    predictor = SlicePredictor("litemedsam", cache_slices=1)
+    volume = Volume(np.zeros((1, 80, 80), np.float32), Geometry(spacing=(1.0, 1.0, 3.0)))
+    predictor.set_volume(volume)
+    yy, xx = np.mgrid[:80, :80]
+    organ = (yy >= 30) & (yy < 50) & (xx >= 30) & (xx < 50)  # 20 x 20 pixels
+    corner = organ & (yy < 34) & (xx < 34)  # FINE's part of it: 4 x 4
+    organ_frame = predictor.frame.to_frame(organ[None])[0]
+    asked = []
+
+    def answer(k, box=None, **kw):
+        asked.append(np.asarray(box).copy())
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        inside = np.zeros_like(organ_frame)
+        inside[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
+        return torch.from_numpy(np.where(organ_frame & inside, 5.0, -5.0).astype(np.float32)), torch.zeros(1, 1, 256, 256), 0.9
+
+    monkeypatch.setattr(predictor, "slice_logits", answer)
+
+    def dice(result):
+        found = result.labels.array[0] == 4
+        return 2 * (found & organ).sum() / (found.sum() + organ.sum())
+
+    labels = Volume((corner[None] * 4).astype(np.uint8), volume.geometry)
+    scores = []
+    for rounds in (1, 2, 3):
+        asked.clear()
+        result = refine_all(predictor, volume, labels, margin_mm=5.0, box_rounds=f"gallbladder:{rounds}")
+        assert len(asked) == rounds and result.report["boxes"] == rounds, f"{rounds} round(s): LiteMedSAM asked {len(asked)} time(s)"
+        assert result.report["box_rounds"] == ({} if rounds == 1 else {4: rounds})
+        scores.append(dice(result))
+    assert scores[0] < 0.5 and scores[1] > scores[0] + 0.2 and scores[2] > scores[1] + 0.2, f"each round takes in more: {scores}"
+    other = refine_all(predictor, volume, labels, margin_mm=5.0, box_rounds={1: 3})
+    assert dice(other) == scores[0], "rounds for another organ leave this one at one round"
+    asked.clear()
+    whole = refine_all(predictor, volume, Volume((organ[None] * 4).astype(np.uint8), volume.geometry), margin_mm=5.0, box_rounds=5)
+    assert len(asked) == 1 and dice(whole) == 1.0, "FINE's outline was the organ: the box does not grow, so one round is asked"
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("2", dict.fromkeys(range(1, 9), 2)),
+    ("gallbladder:2", {**dict.fromkeys(range(1, 9), 1), 4: 2}),
+    ("2, pancreas:1", {**dict.fromkeys(range(1, 9), 2), 8: 1}),
+    ("right kidney:3,left_kidney:2", {**dict.fromkeys(range(1, 9), 1), 2: 3, 3: 2}),
+    (3, dict.fromkeys(range(1, 9), 3)),
+    ({4: 2}, {**dict.fromkeys(range(1, 9), 1), 4: 2}),
+])
+def test_box_rounds_are_read_from_a_number_organ_pairs_or_a_mapping(spec, expected):
+    from FINESegmentationLib.refiner.litemedsam.refine_all import parse_box_rounds
+
+    assert parse_box_rounds(spec) == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("0", "between 1 and 5"), ("9", "between 1 and 5"), ("kidney:2", "unknown organ 'kidney'"), ("liver:two", "organ:number"),
+    ("", "must be a number"), ({9: 2}, "unknown organ label"), (1.5, "must be a number"),
+])
+def test_box_rounds_refuse_what_they_cannot_read(spec, message):
+    from FINESegmentationLib.refiner.litemedsam.refine_all import parse_box_rounds
+
+    with pytest.raises(InputError, match=message):
+        parse_box_rounds(spec)
+
+
 def test_refined_slices_on_thin_slices_are_at_most_the_step_apart_and_take_in_every_organs_ends():
     from FINESegmentationLib.refiner.litemedsam.refine_all import refined_slices
 
@@ -395,7 +465,19 @@ def test_segment_refine_all_switch_redraws_fines_organs_on_the_input_grid(tmp_pa
                    "-o", str(out), "--report", str(report), *(["--refine-margin", margin] if margin else [])])
         assert rc == 0, capsys.readouterr().err
         assert json.loads(report.read_text())["refine_all"]["margin_mm"] == expected, f"--refine-margin {margin} reaches refine-all"
+    from FINESegmentationLib.refiner.litemedsam.refine_all import DEFAULT_BOX_ROUNDS
+
+    default_rounds = {str(k): v for k, v in DEFAULT_BOX_ROUNDS.items() if v != 1}
+    for rounds, expected in ((None, default_rounds), ("2,pancreas:1", {str(v): 2 for v in range(1, 8)})):
+        rc = main(["segment", "-q", "--device", "cpu", "--fast", "--refine-all", "--model", str(tiny_checkpoint), str(source),
+                   "-o", str(out), "--report", str(report), *(["--refine-rounds", rounds] if rounds else [])])
+        assert rc == 0, capsys.readouterr().err
+        assert json.loads(report.read_text())["refine_all"]["box_rounds"] == expected, f"--refine-rounds {rounds} reaches refine-all"
     before = out.read_bytes()
+    rc = main(["segment", "-q", "--device", "cpu", "--model", str(tiny_checkpoint), "--refine-rounds", "spleen:x", str(source), "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "Box rounds 'spleen:x'" in err and len(err.splitlines()) == 1, err
+    assert out.read_bytes() == before, "refused rounds leave the earlier output as it was"
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(["segment", "-q", "--device", "cpu", "--model", str(tiny_checkpoint), "--refine-margin", "-1", str(source), "-o", str(out)])

@@ -27,8 +27,8 @@ MODEL = "fine-tiny-ct"
 MEASURED = {"spleen": 0.833, "right kidney": 0.834, "left kidney": 0.837, "gallbladder": 0.653, "liver": 0.877, "stomach": 0.421,
             "aorta": 0.649}
 # Dice of the default pipeline: TTA, each organ's largest component (not the pancreas'), then refine-all (published
-# LiteMedSAM weights, 8 mm box margin, min_cover 0.3).
-MEASURED_DEFAULT = {"spleen": 0.950, "right kidney": 0.906, "left kidney": 0.925, "gallbladder": 0.784, "liver": 0.945,
+# LiteMedSAM weights, 8 mm box margin, min_cover 0.3, two box rounds for the gallbladder).
+MEASURED_DEFAULT = {"spleen": 0.950, "right kidney": 0.906, "left kidney": 0.925, "gallbladder": 0.878, "liver": 0.947,
                     "stomach": 0.850, "aorta": 0.851}
 MARGIN = 0.03
 RIGHT = ("liver", "right kidney", "gallbladder")  # on the patient's right (LPS x below the midline)

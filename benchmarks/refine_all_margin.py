@@ -49,34 +49,38 @@ def _mean(rows) -> np.ndarray:
         return np.nanmean(np.array(rows, float), axis=0)
 
 
-def render(results: dict, variants: list[str], meta: dict) -> str:
+MARGIN_NOTE = (f"'margin': millimetres each organ's box on a slice (around FINE's voxels there) is enlarged by before "
+               f"LiteMedSAM is asked (default {DEFAULT_MARGIN_MM:g})")
+
+
+def render(results: dict, variants: list[str], meta: dict, title: str = "Refine-all's box margin with FINE's boxes",
+           column: str = "margin mm", note: str = MARGIN_NOTE, seconds_note: str = "the first margin embeds the slices; "
+           "the others reuse the embeddings") -> str:
+    """The per-case table, then the means of each group of cases (a result's ``group``; else real CT / synthetic)."""
     fmt = lambda x: "-" if x != x else f"{100 * x:.1f}"  # noqa: E731
-    lines = ["# Refine-all's box margin with FINE's boxes", "",
+    lines = [f"# {title}", "",
              f"Model: {meta['model']}; machine: {meta['machine']}; command: `{meta['command']}`.", "",
              f"Dice % per organ against the reference (- : organ absent from the reference, left out of the means as "
-             f"`fine-seg evaluate` does). 'margin': millimetres each "
-             f"organ's box on a slice (around FINE's voxels there) is enlarged by before LiteMedSAM is asked (default "
-             f"{DEFAULT_MARGIN_MM:g}); FINE alone: before refine-all.", "",
-             "| case | phase | FOV | margin mm | mean Dice | " + " | ".join(SHORT) + " |",
+             f"`fine-seg evaluate` does). {note}; FINE alone: before refine-all.", "",
+             f"| case | phase | FOV | {column} | mean Dice | " + " | ".join(SHORT) + " |",
              "|---|---|---|---|---|" + "---|" * len(SHORT)]
     for case, r in results.items():
         for v in ["fine"] + variants:
             d = r[v]
             lines.append(f"| {case} | {r['phase']} | {r['fov']} | {'FINE alone' if v == 'fine' else v} | {fmt(np.nanmean(d))} | "
                          + " | ".join(fmt(x) for x in d) + " |")
-    groups = {"real CT": [c for c, r in results.items() if r["fov"] == "real"],
-              "synthetic": [c for c, r in results.items() if r["fov"] != "real"]}
-    for title, members in groups.items():
-        if not members:
-            continue
-        lines += ["", f"**{title}** ({len(members)} case(s)): mean of the per-case means; per organ, the mean over the cases that hold it.", "",
-                  "| margin mm | per-case mean Dice | min case | " + " | ".join(SHORT) + " |", "|---|---|---|" + "---|" * len(SHORT)]
+    groups: dict[str, list[str]] = {}
+    for c, r in results.items():
+        groups.setdefault(r.get("group", "real CT" if r["fov"] == "real" else "synthetic"), []).append(c)
+    for group, members in groups.items():
+        lines += ["", f"**{group}** ({len(members)} case(s)): mean of the per-case means; per organ, the mean over the cases that hold it.", "",
+                  f"| {column} | per-case mean Dice | min case | " + " | ".join(SHORT) + " |", "|---|---|---|" + "---|" * len(SHORT)]
         for v in ["fine"] + variants:
             rows = [results[c][v] for c in members]
             per_case = [np.nanmean(x) for x in rows]
             lines.append(f"| {'FINE alone' if v == 'fine' else v} | {100 * np.mean(per_case):.1f} | {100 * np.min(per_case):.1f} | "
                          + " | ".join(fmt(x) for x in _mean(rows)) + " |")
-    lines += ["", "Refine-all seconds per case (the first margin embeds the slices; the others reuse the embeddings): "
+    lines += ["", f"Refine-all seconds per case ({seconds_note}): "
               + ", ".join(f"{c} {r['s']:.0f}" for c, r in results.items()), ""]
     return "\n".join(lines)
 

@@ -182,6 +182,10 @@ def _refine_all_switch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-margin", type=Number(at_least=0), default=None, metavar="MM",
                    help="refine-all enlarges each organ's box on a slice by MM around FINE's voxels there before LiteMedSAM "
                    "is asked (default 8 mm, measured in README; 0: FINE's own box)")
+    p.add_argument("--refine-rounds", default=None, metavar="ROUNDS",
+                   help="how often refine-all asks LiteMedSAM per organ and slice, each round with the box around the "
+                   "previous answer and FINE's voxels: a number for every organ and organ:number for single organs, "
+                   "comma-separated (for example 2,pancreas:1; default: the rounds measured in README)")
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -196,7 +200,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     outputs = _output_paths(cases, args.output, extension)
     segmenter = Segmenter(model=args.model, device=args.device, bank=args.bank, fast=args.fast, tta=args.tta,
                           largest_component=args.largest_component, sw_batch_size=args.sw_batch_size, refine_all=args.refine_all,
-                          refine_step_mm=args.refine_step, refine_margin_mm=args.refine_margin)
+                          refine_step_mm=args.refine_step, refine_margin_mm=args.refine_margin,
+                          refine_box_rounds=args.refine_rounds)
     reports, failures = [], 0
     for case, target in zip(cases, outputs):
         probs = target.with_name(case_name(target) + "_probabilities.nii.gz") if args.probabilities else None
@@ -331,7 +336,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     segmenter = Segmenter(model=args.model, device=args.device, bank=args.bank, fast=args.fast,
                           largest_component=args.largest_component, tta=args.tta, refine_all=args.refine_all,
-                          refine_step_mm=args.refine_step, refine_margin_mm=args.refine_margin)
+                          refine_step_mm=args.refine_step, refine_margin_mm=args.refine_margin,
+                          refine_box_rounds=args.refine_rounds)
     result = evaluate(segmenter, args.data, args.cases, args.label_map, name=args.name, progress=not args.quiet)
     print(markdown_table([result]))
     if result.swaps():
@@ -358,7 +364,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     image_path = write_volume(case.image, out / "phantom_ct.nii.gz")
     write_segmentation(case.label, out / "phantom_reference.seg.nrrd")
     segmenter = Segmenter(model=args.model, device=args.device, refine_all=args.refine_all, refine_step_mm=args.refine_step,
-                          refine_margin_mm=args.refine_margin)
+                          refine_margin_mm=args.refine_margin,
+                          refine_box_rounds=args.refine_rounds)
     bar = _ProgressBar("demo", True)
     refine_bar = _SliceBar("demo refine-all", segmenter.refine_all)
     try:

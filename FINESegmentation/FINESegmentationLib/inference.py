@@ -250,6 +250,9 @@ class Segmenter:
     interpolates between them (``None``: ``DEFAULT_SLICE_STEP_MM``, 3 mm; 0: every slice).
     ``refine_margin_mm``: how far refine-all enlarges each organ's box on a slice around FINE's voxels there
     before LiteMedSAM is asked (``None``: ``DEFAULT_MARGIN_MM``, 8 mm; 0: FINE's own box).
+    ``refine_box_rounds``: how often refine-all asks LiteMedSAM per organ and slice, each round with the box
+    around the previous answer and FINE's voxels (``None``: ``DEFAULT_BOX_ROUNDS``; a number for every organ,
+    {label: rounds}, or text such as "gallbladder:2": :func:`~.refiner.litemedsam.refine_all.parse_box_rounds`).
     ``smooth_labels``: labels on the input grid are the argmax of the probabilities resampled linearly (the
     default) or, when False, the network grid's labels resampled nearest-neighbour.
     ``thin_slab``: a scan shorter than :data:`~.preprocessing.THIN_SLAB_MM` (60 mm) along the body is
@@ -269,6 +272,7 @@ class Segmenter:
         refine_all: bool | None = None,
         refine_step_mm: float | None = None,
         refine_margin_mm: float | None = None,
+        refine_box_rounds: int | str | dict[int, int] | None = None,
         smooth_labels: bool = True,
         thin_slab: bool = True,
     ) -> None:
@@ -305,7 +309,7 @@ class Segmenter:
         # labels resampled nearest-neighbour (False, the blocks of the model's grid).
         self.smooth_labels = bool(smooth_labels)
         self.thin_slab = bool(thin_slab)
-        from .refiner.litemedsam.refine_all import DEFAULT_MARGIN_MM, DEFAULT_SLICE_STEP_MM
+        from .refiner.litemedsam.refine_all import DEFAULT_MARGIN_MM, DEFAULT_SLICE_STEP_MM, parse_box_rounds
 
         step = DEFAULT_SLICE_STEP_MM if refine_step_mm is None else float(refine_step_mm)
         if not (np.isfinite(step) and step >= 0):
@@ -315,6 +319,7 @@ class Segmenter:
         if not (np.isfinite(margin) and margin >= 0):
             raise InputError(f"The refine-all box margin must be 0 or a positive number of millimetres (got {refine_margin_mm}).")
         self.refine_margin_mm = margin
+        self.refine_box_rounds = parse_box_rounds(refine_box_rounds)  # organ label -> rounds
         self._slice_predictor = None  # LiteMedSAM, loaded on the first refine-all
 
     def network_spacing(self, volume: Volume) -> tuple[float, float, float]:
@@ -361,7 +366,7 @@ class Segmenter:
                 # Boxes only: the published weights (their box-only Dice on the real CT is the higher one, README).
                 self._slice_predictor = SlicePredictor("litemedsam", device=self.device)
             refined = refine_all(self._slice_predictor, volume, result_labels, margin_mm=self.refine_margin_mm, slice_step_mm=self.refine_step_mm,
-                                 progress=refine_progress, cancel=cancel)
+                                 box_rounds=self.refine_box_rounds, progress=refine_progress, cancel=cancel)
             result_labels = refined.labels
             times["refine_all"] = time.perf_counter() - t0
         report = self._report(volume, prepared, times, fallbacks, result_labels)
