@@ -120,11 +120,13 @@ def main() -> int:
     return 0
 
 
-def save(out: Path, name: str, segmenter: Segmenter, threads: int, variants: list[str], results: dict, render) -> None:
-    """Write ``name``.json (meta, variants, results) and ``name``.md (``render(results, variants, meta)``) into ``out``, atomically."""
+def save(out: Path, name: str, segmenter: Segmenter, threads: int, variants: list[str], results: dict, render,
+         extra_meta: dict | None = None) -> None:
+    """Write ``name``.json (meta, variants, results) and ``name``.md (``render(results, variants, meta)``) into ``out``,
+    atomically; ``extra_meta`` joins the meta (model, machine, command)."""
     meta = {"model": f"{segmenter.model_name} (sha256 {segmenter.model_sha256[:12]})",
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s)",
-            "command": f"python benchmarks/{name}.py " + " ".join(sys.argv[1:])}
+            "command": f"python benchmarks/{name}.py " + " ".join(sys.argv[1:]), **(extra_meta or {})}
     data = {"meta": meta, "variants": variants, "results": results}
     write_text_atomically(out / f"{name}.json", json.dumps(data, indent=1))
     write_text_atomically(out / f"{name}.md", render(results, variants, meta))

@@ -63,7 +63,7 @@ def _variant(text: str) -> tuple[str, dict[int, int]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--synth", required=True, help="an nnU-Net-layout folder of held-out synthetic CT")
+    ap.add_argument("--synth", help="an nnU-Net-layout folder of held-out synthetic CT (needed unless --merge)")
     ap.add_argument("--synth-cases", nargs="*", default=None, help="case ids (default: every case)")
     ap.add_argument("--real-ct", default=str(REAL_CT), help="folder with ct.nii.gz and labels.nii.gz ('' to skip)")
     ap.add_argument("--no-pseudo-contrast", action="store_true", help="leave out the real CT's versions with contrast added")
@@ -88,6 +88,8 @@ def main() -> int:
         write_text_atomically(out / "refine_all_rounds.json", json.dumps({"meta": meta, "variants": runs[0]["variants"], "results": results}, indent=1))
         write_text_atomically(out / "refine_all_rounds.md", _render(results, runs[0]["variants"], meta, runs[0]["meta"].get("rounds", {})))
         return 0
+    if not args.synth:
+        ap.error("give --synth (a dataset folder), or --merge with earlier runs")
     torch.set_num_threads(args.threads)
     variants = dict(args.variant or [("one", parse_box_rounds("1")), ("default", dict(DEFAULT_BOX_ROUNDS))])
     synth = Path(args.synth)
@@ -131,10 +133,8 @@ def main() -> int:
             print(case, name, f"{100 * np.nanmean(r[name]):.1f}", flush=True)
         results[case] = r
     rounds = {name: {o.name: spec.get(o.label, 1) for o in ORGANS} for name, spec in variants.items()}
-    save(out, "refine_all_rounds", segmenter, args.threads, list(variants), results, partial(_render, rounds=rounds))
-    data = json.loads((out / "refine_all_rounds.json").read_text())  # the rounds of each variant, for --merge
-    data["meta"]["rounds"] = rounds
-    write_text_atomically(out / "refine_all_rounds.json", json.dumps(data, indent=1))
+    save(out, "refine_all_rounds", segmenter, args.threads, list(variants), results, partial(_render, rounds=rounds),
+         extra_meta={"rounds": rounds})  # each variant's rounds, for --merge
     return 0
 
 
